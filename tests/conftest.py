@@ -1,0 +1,23 @@
+"""Test configuration shared by every test file.
+
+Without a CUDA device the Triton backend runs under its interpreter (TRITON_INTERPRET=1),
+which must be set before triton is imported; with a device the compiled kernels are tested.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture
+def generator():
+    """A seeded CPU generator: every test draws fresh but reproducible inputs."""
+    return torch.Generator().manual_seed(1234)
