@@ -1,5 +1,248 @@
-"""Build script: the Python package plus the optional native extension ``addax_kernels._C``."""
+"""Build script: the Python package plus the optional native extension ``addax_kernels._C``.
 
-from setuptools import setup
+The extension is pybind11 + raw pointers (no torch C++ API), so it builds against any torch
+and works with any torch of the supported range.  The CUDA kernels are compiled here with
+nvcc and linked with the static CUDA runtime, so the build needs no CUDA-enabled torch and
+the result does not depend on the CUDA version torch was built with.
 
-setup()
+Environment switches (see docs/native.md):
+
+* ``ADDAX_KERNELS_NO_NATIVE=1``   install the pure-Python package only.
+* ``ADDAX_KERNELS_NO_CUDA=1``     build the CPU kernels only.
+* ``ADDAX_KERNELS_CUDA_ARCHS``    nvcc targets, default ``sm_80;sm_90a;compute_90``
+                                  (``sm_XX`` = machine code, ``compute_XX`` = PTX for later GPUs).
+* ``CUDA_HOME`` / ``CUDA_PATH``   the CUDA toolkit (default: nvcc on PATH, then /usr/local/cuda).
+* ``MAX_JOBS``                    parallel compiler jobs (default: number of CPUs).
+* ``ADDAX_KERNELS_REQUIRE_NATIVE=1``  fail the install if the extension does not build
+                                  (default: warn and install without it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+DEFAULT_CUDA_ARCHS = "sm_80;sm_90a;compute_90"
+
+CXX_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-g0",
+    "-fopenmp",
+    # The kernels round every product and sum like the reference backend: no FMA contraction.
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fvisibility=hidden",
+]
+# The tile kernel is compiled once per instruction set and chosen at run time (csrc/cpu/).
+TILE_ISA_FLAGS = {
+    # -Wno-maybe-uninitialized: GCC 12 flags _mm512_undefined_epi32 inside its own intrinsics.
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512",
+               "-Wno-maybe-uninitialized"],
+    "avx2": ["-mavx2"],
+    "baseline": [],
+}
+NVCC_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _max_jobs() -> int:
+    try:
+        return max(1, int(os.environ.get("MAX_JOBS", "")))
+    except ValueError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _log(message: str) -> None:
+    print(f"addax_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _cudart_static_dir(cuda_home: str):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.exists(os.path.join(cuda_home, sub, "libcudart_static.a")):
+            return os.path.join(cuda_home, sub)
+    return None
+
+
+def _find_cuda_home():
+    """A CUDA toolkit with nvcc and the static runtime, or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # may be a wrapper script outside the toolkit: only a hint
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and _cudart_static_dir(home):
+            return home
+    return None
+
+
+def _gencode_flags(spec: str):
+    """``sm_80;sm_90a;compute_90`` -> nvcc -gencode flags (SASS for sm_*, PTX for compute_*)."""
+    flags, names = [], []
+    for token in re.split(r"[;,\s]+", spec.strip()):
+        if not token:
+            continue
+        match = re.fullmatch(r"(sm|compute)_(\d+[af]?)", token)
+        if not match:
+            raise ValueError(
+                f"ADDAX_KERNELS_CUDA_ARCHS entry {token!r} is not sm_XX[a] (machine code) or compute_XX (PTX)"
+            )
+        kind, arch = match.groups()
+        code = f"sm_{arch}" if kind == "sm" else f"compute_{arch}"
+        flags += ["-gencode", f"arch=compute_{arch},code={code}"]
+        names.append(token)
+    if not flags:
+        raise ValueError("ADDAX_KERNELS_CUDA_ARCHS names no architecture")
+    return flags, names
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "/").replace('"', "'") + '"'
+
+
+class OptionalNativeBuild(build_ext):
+    """Builds ``addax_kernels._C`` if it can; a failure leaves a working pure-Python install."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as error:  # compiler missing, toolchain broken, ...
+            if _flag("ADDAX_KERNELS_REQUIRE_NATIVE"):
+                raise
+            _log(f"the native extension was not built ({type(error).__name__}: {error}); "
+                 "the reference and Triton backends still work")
+
+    def build_extension(self, ext):
+        with ThreadPoolExecutor(max_workers=_max_jobs()) as pool:
+            cuda = pool.submit(self._add_cuda, ext)
+            tiles = self._compile_tile_kernels(ext, pool)
+            cuda_note = cuda.result()
+        ext.extra_objects += tiles
+        ext.define_macros.append(("ADDAX_CUDA_BUILD_NOTE", _c_string(cuda_note)))
+        self._compile_cxx_in_parallel(ext)
+        super().build_extension(ext)
+
+    def _compile_tile_kernels(self, ext, pool):
+        """csrc/cpu/tile_kernels.cpp once per instruction set (x86-64), else once."""
+        source = os.path.join(CSRC, "cpu", "tile_kernels.cpp")
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            variants = TILE_ISA_FLAGS
+        else:
+            variants = {"baseline": []}
+            ext.define_macros.append(("ADDAX_BASELINE_ONLY", "1"))
+
+        def compile_variant(isa):
+            return self.compiler.compile(
+                [source],
+                output_dir=os.path.join(self.build_temp, f"tile_{isa}"),
+                macros=[("ADDAX_TILE_ISA", isa)],
+                include_dirs=ext.include_dirs,
+                extra_postargs=CXX_FLAGS + variants[isa],
+                depends=ext.depends,
+            )
+
+        futures = [pool.submit(compile_variant, isa) for isa in variants]
+        return [obj for future in futures for obj in future.result()]
+
+    def _compile_cxx_in_parallel(self, ext):
+        # distutils compiles one source at a time; MAX_JOBS threads run the compilers at once
+        # and the base class then finds the objects up to date.
+        original_compile = self.compiler.compile
+
+        def compile_parallel(sources, *args, **kwargs):
+            with ThreadPoolExecutor(max_workers=_max_jobs()) as pool:
+                results = list(pool.map(lambda source: original_compile([source], *args, **kwargs), sources))
+            return [obj for objects in results for obj in objects]
+
+        self.compiler.compile = compile_parallel
+
+    def _add_cuda(self, ext) -> str:
+        """Compile csrc/cuda/*.cu with nvcc into ``ext``; returns a note for unavailable_reason."""
+        if _flag("ADDAX_KERNELS_NO_CUDA"):
+            _log("ADDAX_KERNELS_NO_CUDA=1: building the CPU kernels only")
+            return "built without CUDA: ADDAX_KERNELS_NO_CUDA=1 was set"
+        cuda_home = _find_cuda_home()
+        if cuda_home is None:
+            _log("no CUDA toolkit with nvcc and libcudart_static.a found (set CUDA_HOME): building the CPU kernels only")
+            return "built without CUDA: nvcc was not found at build time (set CUDA_HOME and rebuild)"
+        try:
+            gencode, arch_names = _gencode_flags(os.environ.get("ADDAX_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
+            objects = self._nvcc(cuda_home, gencode)
+        except (OSError, ValueError, subprocess.CalledProcessError) as error:
+            if _flag("ADDAX_KERNELS_REQUIRE_NATIVE"):
+                raise
+            _log(f"CUDA kernels not built ({error}); building the CPU kernels only")
+            return f"built without CUDA: nvcc failed at build time ({type(error).__name__})"
+        library_dir = _cudart_static_dir(cuda_home)
+        ext.extra_objects += objects
+        ext.library_dirs.append(library_dir)
+        ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+        ext.define_macros += [("ADDAX_WITH_CUDA", "1"), ("ADDAX_CUDA_ARCHS", _c_string(" ".join(arch_names)))]
+        return ""
+
+    def _nvcc(self, cuda_home: str, gencode):
+        nvcc = os.path.join(cuda_home, "bin", "nvcc")
+        sources = sorted(
+            os.path.join(CSRC, "cuda", name) for name in os.listdir(os.path.join(ROOT, CSRC, "cuda")) if name.endswith(".cu")
+        )
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cuda"))
+        os.makedirs(build_dir, exist_ok=True)
+        host_compiler = sysconfig.get_config_var("CXX") or "g++"
+        host_compiler = shutil.which(host_compiler.split()[0]) or "g++"
+        threads = str(_max_jobs())
+
+        def compile_one(source):
+            target = os.path.join(build_dir, os.path.basename(source) + ".o")
+            command = [nvcc, *NVCC_FLAGS, *gencode, "--threads", threads, "-ccbin", host_compiler,
+                       "-c", source, "-o", target]
+            _log(" ".join(command))
+            subprocess.run(command, check=True, cwd=ROOT)
+            return target
+
+        with ThreadPoolExecutor(max_workers=_max_jobs()) as pool:
+            return list(pool.map(compile_one, sources))
+
+
+def _extensions():
+    if _flag("ADDAX_KERNELS_NO_NATIVE"):
+        _log("ADDAX_KERNELS_NO_NATIVE=1: installing without the native extension")
+        return []
+    try:
+        import pybind11
+    except ImportError:
+        _log("pybind11 is not installed: installing without the native extension")
+        return []
+    return [
+        Extension(
+            "addax_kernels._C",
+            sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "fused_cpu.cpp")],
+            include_dirs=[pybind11.get_include()],
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+            depends=[
+                os.path.join(CSRC, name)
+                for name in ("philox.h", "fused_job.h", "cpu/fused_cpu.h", "cpu/tile_kernels.h", "cpu/simd_lanes.h",
+                             "cuda/fused_cuda.h")
+            ],
+            language="c++",
+        )
+    ]
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalNativeBuild})

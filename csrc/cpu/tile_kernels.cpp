@@ -1,0 +1,226 @@
+// One tile of the fused pass on the CPU.
+//
+// setup.py compiles this file three times, with ADDAX_TILE_ISA = avx512 (-mavx512f ...),
+// avx2 (-mavx2) and baseline (plain x86-64 / the host's default), each defining
+// process_tile_<ISA>; fused_cpu.cpp picks one at run time from the CPU's features, so the
+// build never assumes the builder's CPU (no -march=native).  Everything here is either
+// always_inline or has internal linkage: no function compiled with wide instructions can be
+// merged by the linker into the baseline path.  No standard-library templates for the same
+// reason.
+//
+// Inside a tile every stage is a flat loop over float/uint32 buffers (structure of arrays):
+// Philox words for all blocks (explicit 8/16-lane SIMD from simd_lanes.h), the Box–Muller
+// transform (auto-vectorized), then load / shift / accumulate / update / store over elements.
+#include "tile_kernels.h"
+
+#include "../philox.h"
+
+#if !defined(ADDAX_TILE_ISA)
+#error "compile with -DADDAX_TILE_ISA=avx512|avx2|baseline"
+#endif
+
+#define ADDAX_CONCAT_INNER(a, b) a##b
+#define ADDAX_CONCAT(a, b) ADDAX_CONCAT_INNER(a, b)
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include "simd_lanes.h"
+#define ADDAX_WIDE_PHILOX 1
+#else
+#define ADDAX_WIDE_PHILOX 0
+#endif
+
+namespace addax {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxBlocks = kTile / kGaussianPerBlock + 2;  // a tile may start and end mid-block
+
+struct BlockWords {
+  alignas(64) uint32_t w0[kMaxBlocks];
+  alignas(64) uint32_t w1[kMaxBlocks];
+  alignas(64) uint32_t w2[kMaxBlocks];
+  alignas(64) uint32_t w3[kMaxBlocks];
+};
+
+// Philox words of blocks first_block .. first_block + num_blocks - 1, one array per word.
+void philox_blocks(uint64_t seed, uint32_t tid, uint64_t first_block, int64_t num_blocks, uint32_t purpose,
+                   BlockWords& out) {
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+  int64_t b = 0;
+#if ADDAX_WIDE_PHILOX
+  using simd::U32Lanes;
+  const uint32_t first_low = static_cast<uint32_t>(first_block);
+  const uint32_t first_high = static_cast<uint32_t>(first_block >> 32);
+  // Lanes share the high counter word, so the wide path runs only where the low word does not
+  // wrap; the scalar loop below handles the rare run that crosses a multiple of 2^32 blocks.
+  if (static_cast<uint64_t>(first_low) + static_cast<uint64_t>(num_blocks) <= (uint64_t{1} << 32)) {
+    for (; b + U32Lanes::kWidth <= num_blocks; b += U32Lanes::kWidth) {
+      U32Lanes c0 = simd::iota(first_low + static_cast<uint32_t>(b));
+      U32Lanes c1 = simd::broadcast(first_high);
+      U32Lanes c2 = simd::broadcast(tid);
+      U32Lanes c3 = simd::broadcast(purpose);
+      philox4x32_10_rounds(c0, c1, c2, c3, key0, key1);
+      simd::store(out.w0 + b, c0);
+      simd::store(out.w1 + b, c1);
+      simd::store(out.w2 + b, c2);
+      simd::store(out.w3 + b, c3);
+    }
+  }
+#endif
+  for (; b < num_blocks; ++b) {
+    const uint64_t block = first_block + static_cast<uint64_t>(b);
+    const Words words = philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), tid,
+                                      purpose, key0, key1);
+    out.w0[b] = words.w0;
+    out.w1[b] = words.w1;
+    out.w2[b] = words.w2;
+    out.w3[b] = words.w3;
+  }
+}
+
+void gaussian_from_blocks(const BlockWords& words, int64_t num_blocks, float* __restrict out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const Gaussian4 z = gaussian4(Words{words.w0[b], words.w1[b], words.w2[b], words.w3[b]});
+    out[4 * b + 0] = z.z0;
+    out[4 * b + 1] = z.z1;
+    out[4 * b + 2] = z.z2;
+    out[4 * b + 3] = z.z3;
+  }
+}
+
+void expand_signs(const uint32_t* __restrict words, float* __restrict out) {
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t word = words[w];
+    for (uint32_t bit = 0; bit < 32; ++bit) out[32 * w + bit] = ((word >> bit) & 1u) ? -1.0f : 1.0f;
+  }
+}
+
+// z of elements [first, first + count) for one seed; returns a pointer to z[first].
+const float* noise_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, NoiseKind kind, float* buffer,
+                        BlockWords& words) {
+  if (kind == NoiseKind::kGaussian) {
+    const uint64_t first_block = first >> 2;
+    const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 2) - first_block) + 1;
+    philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
+    gaussian_from_blocks(words, num_blocks, buffer);
+    return buffer + (first & 3);
+  }
+  const uint64_t first_block = first >> 7;
+  const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 7) - first_block) + 1;
+  philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint32_t block[4] = {words.w0[b], words.w1[b], words.w2[b], words.w3[b]};
+    expand_signs(block, buffer + kRademacherPerBlock * b);
+  }
+  return buffer + (first & 127);
+}
+
+// The purpose-1 word of each element of [first, first + count); returns a pointer to word[first].
+const uint32_t* rounding_words_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, uint32_t* buffer,
+                                    BlockWords& words) {
+  const uint64_t first_block = first >> 2;
+  const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 2) - first_block) + 1;
+  philox_blocks(seed, tid, first_block, num_blocks, kPurposeRounding, words);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    buffer[4 * b + 0] = words.w0[b];
+    buffer[4 * b + 1] = words.w1[b];
+    buffer[4 * b + 2] = words.w2[b];
+    buffer[4 * b + 3] = words.w3[b];
+  }
+  return buffer + (first & 3);
+}
+
+void load_storage(StorageType type, const void* base, int64_t begin, int64_t count, float* __restrict out) {
+  switch (type) {
+    case StorageType::kFloat32: {
+      const float* __restrict in = static_cast<const float*>(base) + begin;
+      for (int64_t i = 0; i < count; ++i) out[i] = in[i];
+      break;
+    }
+    case StorageType::kBFloat16: {
+      const uint16_t* __restrict in = static_cast<const uint16_t*>(base) + begin;
+      for (int64_t i = 0; i < count; ++i) out[i] = bf16_bits_to_float(in[i]);
+      break;
+    }
+    case StorageType::kFloat16: {
+      const uint16_t* __restrict in = static_cast<const uint16_t*>(base) + begin;
+      for (int64_t i = 0; i < count; ++i) out[i] = fp16_bits_to_float(in[i]);
+      break;
+    }
+  }
+}
+
+// acc = acc + scale * values, with the reference's two roundings (the build disables contraction).
+void add_scaled(float* __restrict acc, float scale, const float* __restrict values, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) acc[i] = acc[i] + scale * values[i];
+}
+
+void subtract_scaled(float* __restrict acc, float scale, const float* __restrict values, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) acc[i] = acc[i] - scale * values[i];
+}
+
+void store_storage(StorageType type, bool stochastic, const float* __restrict x, const uint32_t* __restrict words,
+                   int64_t count, void* base, int64_t begin) {
+  if (type == StorageType::kFloat32) {
+    float* __restrict out = static_cast<float*>(base) + begin;
+    for (int64_t i = 0; i < count; ++i) out[i] = x[i];
+    return;
+  }
+  uint16_t* __restrict out = static_cast<uint16_t*>(base) + begin;
+  if (type == StorageType::kBFloat16) {
+    if (stochastic) {
+      for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16_stochastic(x[i], words[i]);
+    } else {
+      for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16_nearest(x[i]);
+    }
+  } else if (stochastic) {
+    for (int64_t i = 0; i < count; ++i) out[i] = float_to_fp16_stochastic(x[i], words[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = float_to_fp16_nearest(x[i]);
+  }
+}
+
+// Noise buffers start at the block boundary before the tile: up to one extra Rademacher block
+// on each side.
+constexpr int64_t kNoiseBuffer = kTile + 2 * kRademacherPerBlock;
+
+}  // namespace
+
+void ADDAX_CONCAT(process_tile_, ADDAX_TILE_ISA)(const TensorArg& tensor, const JobArgs& job, const float* scalars,
+                                                 bool needs_update, int64_t begin, int64_t count) {
+  alignas(64) float first_noise[kNoiseBuffer];
+  alignas(64) float other_noise[kNoiseBuffer];
+  alignas(64) float x[kTile];
+  alignas(64) float direction[kTile];
+  alignas(64) float grad[kTile];
+  alignas(64) uint32_t rounding_words[kTile + 8];
+  BlockWords words;
+
+  const uint64_t first = tensor.offset + static_cast<uint64_t>(begin);
+  const float* z0 = noise_tile(job.seeds[0], tensor.tid, first, count, job.noise, first_noise, words);
+
+  load_storage(job.param_type, tensor.param, begin, count, x);
+  if (job.has_shift) add_scaled(x, scalars[kScalarShift], z0, count);
+  if (needs_update) {
+    for (int64_t i = 0; i < count; ++i) direction[i] = 0.0f;
+    for (int32_t k = 0; k < job.num_directions; ++k) {
+      const float* zk =
+          k == 0 ? z0 : noise_tile(job.seeds[k], tensor.tid, first, count, job.noise, other_noise, words);
+      add_scaled(direction, scalars[kScalarFirstCoeff + k], zk, count);
+    }
+    if (job.has_grad) {
+      load_storage(job.grad_type, tensor.grad, begin, count, grad);
+      add_scaled(direction, scalars[kScalarGradCoeff], grad, count);
+    }
+    if (tensor.weight_decay != 0.0f) add_scaled(direction, tensor.weight_decay, x, count);
+    subtract_scaled(x, scalars[kScalarLr], direction, count);
+  }
+
+  const bool stochastic = job.rounding == Rounding::kStochastic && job.param_type != StorageType::kFloat32;
+  const uint32_t* element_words =
+      stochastic ? rounding_words_tile(job.seeds[0], tensor.tid, first, count, rounding_words, words) : nullptr;
+  store_storage(job.param_type, stochastic, x, element_words, count, tensor.param, begin);
+}
+
+}  // namespace cpu
+}  // namespace addax
