@@ -1,0 +1,824 @@
+"""MeZO and Addax against a direct, plain-torch implementation of SPEC §3.
+
+The reference steps below materialize z with ``addax_kernels.noise`` (the SPEC §1 reference),
+perturb/update parameters with ordinary tensor arithmetic in float32 and round to the storage
+dtype with ``addax_kernels.rng.round_to_dtype`` — no optimizer or fused-op code is shared.
+
+Tolerances: the reference backend evaluates the same float32 expressions as the formulas, so
+the optimizer logic is checked bit for bit on it.  Fast backends may contract ``x + s*z`` into
+an FMA or evaluate z with fast transcendentals (SPEC §1 allows 1e-3), moving a parameter by an
+ulp now and then.  Harmless in itself, but the losses then round to neighbouring float32
+values, and g = (ℓ+ − ℓ−)/(2ε) turns one loss ulp (4.8e-7 near ℓ = 4) into 2.4e-4 at
+ε = 1e-3: the trajectories separate chaotically, by ~0.5% of the distance travelled after 20
+steps in these runs.  So a fast backend must stay within DRIFT = 3% of that distance (per
+tensor, in norm), while a wrong seed, tid, offset or sign sends the update in an unrelated
+direction: a deviation of order 100%.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import addax_kernels as ak
+from addax_kernels import rng
+from addax_kernels.data import split_by_length
+from addax_kernels.optim import Addax, MeZO, no_decay_param_groups
+from conftest import requires_cuda
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 48
+DRIFT = 0.03
+BACKENDS = ak.available_backends("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine run several times faster single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def tiny_model(kind="opt", hidden=32, layers=2, dtype=torch.float32, seed=0):
+    if kind == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
+            num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=hidden,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        )
+        model_class = transformers.OPTForCausalLM
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        )
+        model_class = transformers.LlamaForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.to(dtype).eval()
+
+
+def make_batch(generator, size=4, length=12):
+    input_ids = torch.randint(0, VOCAB, (size, length), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+
+
+def loss_fn(model, batch):
+    return lambda: model(**batch).loss
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_trajectory(model, twin, start, exact):
+    """Bit-identical parameters, or each tensor within DRIFT of the distance it travelled."""
+    for (name, a), b, b0 in zip(model.named_parameters(), twin.parameters(), start):
+        if exact:
+            assert torch.equal(a, b), f"{name}: max difference {float((a.float() - b.float()).abs().max()):.3g}"
+        else:
+            travelled = float((b - b0).detach().float().norm())
+            deviation = float((a - b).detach().float().norm())
+            assert deviation <= DRIFT * travelled, f"{name}: deviation {deviation:.3g}, travelled {travelled:.3g}"
+
+
+def assert_params_close(model_a, model_b, atol):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_params_equal(model_a, model_b):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), f"{name} differs"
+
+
+# ----------------------------------------------------------------------------- the reference (SPEC §3)
+
+
+def materialized_z(params, seed):
+    return [ak.noise(p.shape, seed, tid=tid) for tid, p in enumerate(params)]
+
+
+def store(param, x, rounding, seed, tid):
+    """Round float32 ``x`` into ``param`` once (SPEC §2); stochastic words from ``seed``."""
+    if rounding == "stochastic" and param.dtype != torch.float32:
+        words = rng.rounding_words(seed, tid, 0, param.numel()).reshape(param.shape)
+        param.copy_(rng.round_to_dtype(x, param.dtype, "stochastic", words))
+    else:
+        param.copy_(rng.round_to_dtype(x, param.dtype, "nearest"))
+
+
+def shift(params, zs, eps, multiple):
+    for tid, (p, z) in enumerate(zip(params, zs)):
+        store(p, p.float() + (multiple * eps[tid]) * z, "nearest", 0, tid)
+
+
+class Settings:
+    """Per-parameter lr, eps, weight decay and alpha, read from an optimizer's groups."""
+
+    def __init__(self, groups):
+        self.lr, self.eps, self.wd, self.alpha = [], [], [], []
+        for group in groups:
+            for _ in group["params"]:
+                self.lr.append(group["lr"])
+                self.eps.append(group["eps"])
+                self.wd.append(group["weight_decay"])
+                self.alpha.append(group.get("alpha", 1.0))
+
+
+@torch.no_grad()
+def reference_mezo_step(params, closure, seeds, s: Settings, rounding="stochastic"):
+    """n-SPSA MeZO: per direction perturb +ε, −2ε, restore; the last restore is fused into the
+    update (θ' = θ + ε·z; θ ← θ' − lr·(Σ_k g_k/K·z_k + wd·θ'), one rounding)."""
+    zs = [materialized_z(params, seed) for seed in seeds]
+    differences = []
+    for k, z in enumerate(zs):
+        shift(params, z, s.eps, 1.0)
+        loss_plus = closure().float()
+        shift(params, z, s.eps, -2.0)
+        loss_minus = closure().float()
+        if k < len(zs) - 1:
+            shift(params, z, s.eps, 1.0)
+        differences.append(loss_plus - loss_minus)
+    for tid, p in enumerate(params):
+        x = p.float() + s.eps[tid] * zs[-1][tid]
+        direction = sum((differences[k] / (2 * s.eps[tid])) / len(zs) * zs[k][tid] for k in range(len(zs)))
+        store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, seeds[-1], tid)
+    return [(d / (2 * s.eps[0])) for d in differences]
+
+
+def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, rounding="stochastic"):
+    """θ ← θ − lr·(α·g0·z + (1−α)·∇θ + wd·θ), gradient of B1 at the restored θ."""
+    z = materialized_z(params, seed)
+    g0 = None
+    with torch.no_grad():
+        if zo_closure is not None:
+            shift(params, z, s.eps, 1.0)
+            loss_plus = zo_closure().float()
+            shift(params, z, s.eps, -2.0)
+            loss_minus = zo_closure().float()
+            if fo_closure is None:  # restore fused into the update: one rounding
+                for tid, p in enumerate(params):
+                    x = p.float() + s.eps[tid] * z[tid]
+                    g = (loss_plus - loss_minus) / (2 * s.eps[tid])
+                    store(p, x - s.lr[tid] * ((s.alpha[tid] * g) * z[tid] + s.wd[tid] * x), rounding, seed, tid)
+                return
+            shift(params, z, s.eps, 1.0)
+            g0 = loss_plus - loss_minus
+    with torch.enable_grad():
+        grads = torch.autograd.grad(fo_closure(), params, allow_unused=True)
+    with torch.no_grad():
+        for tid, (p, grad) in enumerate(zip(params, grads)):
+            if grad is None and g0 is None:
+                continue
+            x = p.float()
+            direction = torch.zeros_like(x)
+            if g0 is not None:
+                direction = direction + (s.alpha[tid] * (g0 / (2 * s.eps[tid]))) * z[tid]
+            if grad is not None:
+                direction = direction + (1 - s.alpha[tid]) * grad.float()
+            store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, seed, tid)
+
+
+def model_cases(kinds):
+    """(backend, model kind, model size) for every backend; Triton runs under its interpreter
+    here (a few thousand elements per second), so it gets only the first kind, hidden 8, 1 layer
+    (Llama: 12 tensors against OPT's 20, and the interpreter's cost is per program)."""
+    cases = []
+    for backend in BACKENDS:
+        if backend == "triton":
+            cases.append(pytest.param(backend, kinds[0], dict(hidden=8, layers=1), id=f"triton-{kinds[0]}"))
+        else:
+            cases += [pytest.param(backend, kind, {}, id=f"{backend}-{kind}") for kind in kinds]
+    return cases
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+@pytest.mark.parametrize("backend, kind, size", model_cases(["llama", "opt"]))
+def test_mezo_trajectory_matches_reference(backend, kind, size):
+    generator = torch.Generator().manual_seed(1)
+    model = tiny_model(kind, **size)
+    twin, start = copy.deepcopy(model), snapshot(model)
+    optimizer = MeZO(no_decay_param_groups(model, weight_decay=0.1), lr=5e-3, eps=1e-3, seed=7, backend=backend)
+    settings = Settings(optimizer.param_groups)
+    params = [p for group in no_decay_param_groups(twin, 0.1) for p in group["params"]]
+    for step in range(20):
+        batch = make_batch(generator)
+        loss = optimizer.step(loss_fn(model, batch))
+        expected = reference_mezo_step(params, loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+        if backend == "reference":
+            assert torch.equal(optimizer.projected_grads, torch.stack(expected))
+        assert loss.dim() == 0 and optimizer.zo_loss is loss
+    assert_same_trajectory(model, twin, start, exact=backend == "reference")
+    assert optimizer.steps_taken == 20
+
+
+@pytest.mark.parametrize("backend, kind, size", model_cases(["llama", "opt"]))
+def test_addax_trajectory_matches_reference(backend, kind, size):
+    generator = torch.Generator().manual_seed(2)
+    model = tiny_model(kind, **size)
+    twin, start = copy.deepcopy(model), snapshot(model)
+    optimizer = Addax(no_decay_param_groups(model, weight_decay=0.05), lr=1e-2, eps=1e-3, alpha=0.3, seed=3,
+                      backend=backend)
+    settings = Settings(optimizer.param_groups)
+    params = [p for group in no_decay_param_groups(twin, 0.05) for p in group["params"]]
+    for step in range(20):
+        long_batch, short_batch = make_batch(generator, 2, 16), make_batch(generator, 3, 6)
+        loss = optimizer.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
+        reference_addax_step(params, loss_fn(twin, long_batch), loss_fn(twin, short_batch),
+                             optimizer.step_seed(step), settings)
+        assert loss is optimizer.fo_loss and optimizer.zo_loss is not None
+        assert optimizer.projected_grads.shape == (1,)
+        assert all(p.grad is None for p in model.parameters())
+    assert_same_trajectory(model, twin, start, exact=backend == "reference")
+
+
+def test_n_spsa_matches_reference_and_uses_distinct_directions():
+    generator = torch.Generator().manual_seed(3)
+    model = tiny_model("llama")
+    twin, start = copy.deepcopy(model), snapshot(model)
+    optimizer = MeZO(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.01, num_directions=3, seed=11,
+                     backend="reference")
+    settings = Settings(optimizer.param_groups)
+    for step in range(6):
+        batch = make_batch(generator)
+        seeds = optimizer.direction_seeds(step)
+        assert len(set(seeds)) == 3 and seeds[0] == optimizer.step_seed(step)
+        optimizer.step(loss_fn(model, batch))
+        expected = reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), seeds, settings)
+        assert optimizer.projected_grads.shape == (3,)
+        torch.testing.assert_close(optimizer.projected_grads, torch.stack(expected), rtol=0.05, atol=1e-2)
+    # The reference sums Σ_k g_k/K·z_k in another order than the fused pass: float32 ulps
+    # apart, then the chaotic separation of the module docstring.
+    assert_same_trajectory(model, twin, start, exact=False)
+
+
+def test_param_groups_with_their_own_lr_eps_and_weight_decay():
+    generator = torch.Generator().manual_seed(4)
+    model = tiny_model("opt")
+    twin, start = copy.deepcopy(model), snapshot(model)
+    half = len(list(model.parameters())) // 2
+
+    def groups(m):
+        params = list(m.parameters())
+        return [
+            {"params": params[:half], "lr": 1e-2, "eps": 2e-3, "weight_decay": 0.1},
+            {"params": params[half:], "lr": 5e-3, "eps": 5e-4, "weight_decay": 0.0},
+        ]
+
+    optimizer = MeZO(groups(model), lr=1.0, eps=1.0, seed=5, backend="reference")
+    settings = Settings(optimizer.param_groups)
+    for step in range(10):
+        batch = make_batch(generator)
+        optimizer.step(loss_fn(model, batch))
+        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+    # g·ε_ref/ε_group against a direct (ℓ+ − ℓ−)/(2ε_group): an ulp apart, then chaotic drift.
+    assert_same_trajectory(model, twin, start, exact=False)
+
+
+def test_lr_scheduler_drives_the_step_size():
+    generator = torch.Generator().manual_seed(5)
+    model = tiny_model("opt")
+    twin, start = copy.deepcopy(model), snapshot(model)
+    optimizer = MeZO(model.parameters(), lr=2e-2, eps=1e-3, seed=9, backend="reference")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    for step in range(5):
+        settings = Settings(optimizer.param_groups)
+        assert settings.lr[0] == pytest.approx(2e-2 / (1 + step))
+        batch = make_batch(generator)
+        optimizer.step(loss_fn(model, batch))
+        scheduler.step()
+        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+    assert_same_trajectory(model, twin, start, exact=True)
+
+
+def bf16_ulp(x):
+    """The spacing of bfloat16 numbers at |x| (normal range)."""
+    exponent = torch.floor(torch.log2(x.float().abs().clamp_min(2.0**-126)))
+    return torch.exp2(exponent - 7)
+
+
+BF16_CASES = [
+    pytest.param(backend, optimizer_class, id=f"{backend}-{optimizer_class.__name__}")
+    for backend in BACKENDS
+    for optimizer_class in (MeZO, Addax)
+    if backend != "triton" or optimizer_class is MeZO
+]
+
+
+@pytest.mark.parametrize("backend, optimizer_class", BF16_CASES)
+def test_bf16_updates_round_stochastically_and_perturbations_to_nearest(backend, optimizer_class):
+    """rounding="auto" on bf16: the reference rounds perturbations to nearest and the fused
+    update stochastically with the purpose-1 words of the step seed.
+
+    The reference backend must agree bit for bit.  A fast backend's FMA shifts a float32
+    value by an ulp now and then, which can flip a nearest rounding of a perturbation pass and,
+    independently, a stochastic rounding of the update (with probability |shift|/ulp): each
+    step, started from identical parameters, must agree within two bf16 ulps per element.
+    """
+    generator = torch.Generator().manual_seed(6)
+    size = dict(hidden=8, layers=1) if backend == "triton" else {}
+    model = tiny_model("llama", dtype=torch.bfloat16, **size)
+    twin = copy.deepcopy(model)
+    optimizer = optimizer_class(model.parameters(), lr=1e-2, eps=1e-2, weight_decay=0.1, seed=13, backend=backend)
+    settings = Settings(optimizer.param_groups)
+    params = list(twin.parameters())
+    for step in range(3):
+        long_batch, short_batch = make_batch(generator, 2, 12), make_batch(generator, 2, 6)
+        seed = optimizer.step_seed(step)
+        if optimizer_class is MeZO:
+            optimizer.step(loss_fn(model, long_batch))
+            reference_mezo_step(params, loss_fn(twin, long_batch), [seed], settings)
+        else:
+            optimizer.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
+            reference_addax_step(params, loss_fn(twin, long_batch), loss_fn(twin, short_batch), seed, settings)
+        for (name, a), b in zip(model.named_parameters(), params):
+            assert a.dtype == torch.bfloat16
+            if backend == "reference":
+                assert torch.equal(a, b), name
+            else:
+                assert bool(((a.float() - b.float()).abs() <= 2 * bf16_ulp(b)).all()), name
+                with torch.no_grad():
+                    b.copy_(a)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def test_addax_alpha_zero_is_torch_sgd():
+    generator = torch.Generator().manual_seed(7)
+    model = tiny_model("llama")
+    twin = copy.deepcopy(model)
+    optimizer = Addax(model.parameters(), lr=5e-2, alpha=0.0, weight_decay=0.01)
+    sgd = torch.optim.SGD(twin.parameters(), lr=5e-2, weight_decay=0.01)
+    zo_calls = []
+
+    def zo_closure():
+        zo_calls.append(1)
+        return model(**make_batch(generator)).loss
+
+    for _ in range(20):
+        batch = make_batch(generator, 3, 8)
+        optimizer.step(zo_closure, loss_fn(model, batch))
+        sgd.zero_grad()
+        twin(**batch).loss.backward()
+        sgd.step()
+    assert not zo_calls and optimizer.zo_loss is None
+    # torch's SGD forms grad + wd·θ and θ − lr·d with its own vectorized kernels: a few ulps
+    # per step, and no loss-difference amplification here, so 1e-6 over 20 steps.
+    assert_params_close(model, twin, atol=1e-6)
+
+
+def test_addax_alpha_one_is_mezo_bit_for_bit():
+    generator = torch.Generator().manual_seed(8)
+    model = tiny_model("opt")
+    twin = copy.deepcopy(model)
+    addax = Addax(model.parameters(), lr=1e-2, eps=1e-3, alpha=1.0, weight_decay=0.1, seed=21)
+    mezo = MeZO(twin.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=21)
+    fo_calls = []
+
+    def fo_closure():
+        fo_calls.append(1)
+        return model(**make_batch(generator)).loss
+
+    for _ in range(5):
+        batch = make_batch(generator)
+        loss = addax.step(loss_fn(model, batch), fo_closure)
+        assert torch.equal(loss, mezo.step(loss_fn(twin, batch)))
+    assert not fo_calls and addax.fo_loss is None
+    assert_params_equal(model, twin)
+
+
+@pytest.mark.parametrize("missing", ["fo", "zo"])
+def test_addax_missing_batch_contributes_a_zero_estimate(missing):
+    generator = torch.Generator().manual_seed(9)
+    model = tiny_model("opt")
+    twin = copy.deepcopy(model)
+    twin_start = snapshot(twin)
+    optimizer = Addax(model.parameters(), lr=1e-2, eps=1e-3, alpha=0.4, weight_decay=0.05, seed=2,
+                      backend="reference")
+    settings = Settings(optimizer.param_groups)
+    for step in range(4):
+        long_batch, short_batch = make_batch(generator, 2, 14), make_batch(generator, 2, 6)
+        zo = (loss_fn(model, long_batch), loss_fn(twin, long_batch)) if missing != "zo" else (None, None)
+        fo = (loss_fn(model, short_batch), loss_fn(twin, short_batch)) if missing != "fo" else (None, None)
+        loss = optimizer.step(zo[0], fo[0])
+        reference_addax_step(list(twin.parameters()), zo[1], fo[1], optimizer.step_seed(step), settings)
+        assert loss is (optimizer.zo_loss if missing == "fo" else optimizer.fo_loss)
+    assert_same_trajectory(model, twin, twin_start, exact=True)
+    assert optimizer.step(None, None) is None and optimizer.steps_taken == 4
+
+
+class TwoBranch(torch.nn.Module):
+    """A module whose ``unused`` parameter never reaches the FO loss."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.used = torch.nn.Linear(8, 1)
+            self.unused = torch.nn.Parameter(torch.randn(5))
+
+    def loss(self, x, with_unused):
+        out = self.used(x).square().mean()
+        return out + self.unused.square().sum() if with_unused else out
+
+
+def test_parameters_without_gradient_get_the_zo_part():
+    model = TwoBranch()
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    optimizer = Addax(model.parameters(), lr=1e-2, eps=1e-3, alpha=0.5, weight_decay=0.01, seed=4,
+                      backend="reference")
+    settings = Settings(optimizer.param_groups)
+    for step in range(3):
+        optimizer.step(lambda: model.loss(x, True), lambda: model.loss(x, False))
+        reference_addax_step(list(twin.parameters()), lambda: twin.loss(x, True), lambda: twin.loss(x, False),
+                             optimizer.step_seed(step), settings)
+    assert not torch.equal(model.unused, TwoBranch().unused)
+    assert_params_equal(model, twin)
+
+
+def test_grad_reduce_sees_every_direction_and_its_result_is_applied():
+    """Doubling g in grad_reduce equals doubling lr: both scale by a power of two, exactly."""
+    generator = torch.Generator().manual_seed(13)
+    model = tiny_model("opt")
+    twin = copy.deepcopy(model)
+    seen = []
+
+    def double(projected):
+        seen.append(projected.shape)
+        return 2 * projected
+
+    reduced = MeZO(model.parameters(), lr=1e-3, num_directions=2, seed=3, grad_reduce=double)
+    doubled_lr = MeZO(twin.parameters(), lr=2e-3, num_directions=2, seed=3)
+    for _ in range(3):
+        batch = make_batch(generator)
+        reduced.step(loss_fn(model, batch))
+        doubled_lr.step(loss_fn(twin, batch))
+        assert torch.equal(reduced.projected_grads, 2 * doubled_lr.projected_grads)
+    assert seen == [torch.Size([2])] * 3
+    assert_params_equal(model, twin)
+    before = copy.deepcopy(model)
+    wrong_shape = MeZO(model.parameters(), grad_reduce=lambda projected: projected.sum())
+    with pytest.raises(ValueError, match="grad_reduce"):
+        wrong_shape.step(loss_fn(model, make_batch(generator)))
+    # Moved back to θ through three float32 roundings (+ε, −2ε, +ε): |θ| < 2 here, so within
+    # 1.5 ulps of 2, below 4e-7.
+    assert wrong_shape.steps_taken == 0
+    assert_params_close(model, before, atol=4e-7)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("optimizer_class", [MeZO, Addax])
+def test_state_dict_resume_continues_bit_identically(optimizer_class):
+    batches = [make_batch(torch.Generator().manual_seed(100 + i), 3, 10) for i in range(12)]
+
+    def run(model, optimizer, scheduler, steps):
+        for batch in steps:
+            if optimizer_class is MeZO:
+                optimizer.step(loss_fn(model, batch))
+            else:
+                optimizer.step(loss_fn(model, batch), loss_fn(model, {k: v[:, :5] for k, v in batch.items()}))
+            scheduler.step()
+
+    def build(seed):
+        model = tiny_model("opt")
+        optimizer = optimizer_class(no_decay_param_groups(model, 0.1), lr=1e-2, eps=1e-3, seed=seed)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+
+    model, optimizer, scheduler = build(seed=31)
+    run(model, optimizer, scheduler, batches[:6])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()},
+               buffer)
+    run(model, optimizer, scheduler, batches[6:])
+
+    resumed_model, resumed_optimizer, resumed_scheduler = build(seed=0)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optim"])
+    resumed_scheduler.load_state_dict(saved["sched"])
+    assert resumed_optimizer.steps_taken == 6 and resumed_optimizer.base_seed == 31
+    run(resumed_model, resumed_optimizer, resumed_scheduler, batches[6:])
+    assert_params_equal(model, resumed_model)
+
+
+def test_step_seeds_are_deterministic_and_distinct():
+    params = [torch.zeros(3)]
+    a, b = MeZO(params, seed=1), MeZO(params, seed=1)
+    seeds = [a.step_seed(step) for step in range(1000)]
+    assert seeds == [b.step_seed(step) for step in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**64 for s in seeds)
+    assert a.step_seed(0) != MeZO(params, seed=2).step_seed(0)
+    assert MeZO(params, seed=2**64 - 1).step_seed(2**40) < 2**64
+
+
+def test_loading_a_state_dict_without_seed_stream_warns():
+    optimizer = MeZO([torch.zeros(3)], seed=3)
+    state = optimizer.state_dict()
+    del state["zo_state"]
+    with pytest.warns(UserWarning, match="seed stream"):
+        optimizer.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_addax_step_never_holds_more_than_one_gradient():
+    """Peak bytes of simultaneously live .grad tensors during an Addax step.
+
+    Hooks registered before the optimizer's run first for each parameter, when exactly that
+    parameter's gradient has just been accumulated.  In-place SGD consumes and frees each
+    gradient before autograd accumulates the next, so the peak is the largest single
+    gradient; a full gradient buffer (fo_in_backward=False, or plain backward) shows the sum.
+    """
+    generator = torch.Generator().manual_seed(10)
+
+    def peak_live_grad_bytes(fo_in_backward):
+        model = tiny_model("llama")
+        params = list(model.parameters())
+        peak = [0]
+
+        def track(_):
+            live = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+            peak[0] = max(peak[0], live)
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(track)
+        optimizer = Addax(params, lr=1e-2, alpha=0.5, fo_in_backward=fo_in_backward)
+        batch = make_batch(generator, 2, 8)
+        optimizer.step(loss_fn(model, batch), loss_fn(model, batch))
+        assert all(p.grad is None for p in params)
+        largest = max(p.numel() * p.element_size() for p in params)
+        total = sum(p.numel() * p.element_size() for p in params)
+        return peak[0], largest, total
+
+    peak, largest, total = peak_live_grad_bytes(fo_in_backward=True)
+    assert peak <= largest < total / 4
+    peak_buffered, _, total = peak_live_grad_bytes(fo_in_backward=False)
+    assert peak_buffered == total
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_addax_step_on_cuda_allocates_no_gradient_buffer():
+    """Peak CUDA allocation of a step beyond what was allocated before it.
+
+    The model (~42 MB of float32 weights) dwarfs the activations of a 2x8-token batch (a few
+    MB) and any single weight (2 MB).  A plain backward must hold every gradient at once, so its
+    extra peak is at least the parameter bytes P; Addax holds activations plus one or two
+    gradients in flight, well below P/4 ≈ 10 MB.
+    """
+    model = tiny_model("llama", hidden=512, layers=4).cuda()
+    params = list(model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    batch = {k: v.cuda() for k, v in make_batch(torch.Generator().manual_seed(0), 2, 8).items()}
+    optimizer = Addax(params, lr=1e-3, alpha=0.5)
+    optimizer.step(loss_fn(model, batch), loss_fn(model, batch))  # compiles kernels, registers hooks
+
+    def extra_peak(run):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    addax_extra = extra_peak(lambda: optimizer.step(loss_fn(model, batch), loss_fn(model, batch)))
+    assert all(p.grad is None for p in params)
+    plain_extra = extra_peak(lambda: model(**batch).loss.backward())
+    assert plain_extra >= total
+    assert addax_extra < total / 4
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer_class", [MeZO, Addax])
+def test_cuda_steps_never_synchronize_with_the_host(optimizer_class):
+    """The projected gradient stays on the device: no .item(), no implicit sync in a step.
+
+    The model is a plain MLP because model code may itself synchronize (HF attention masks).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1)).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    optimizer = optimizer_class(no_decay_param_groups(model, 0.01), lr=1e-3, eps=1e-3)
+
+    def loss():
+        return model(x).square().mean()
+
+    def step():
+        return optimizer.step(loss) if optimizer_class is MeZO else optimizer.step(loss, loss)
+
+    step()  # first use compiles kernels, which may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            result = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.is_cuda and optimizer.projected_grads.is_cuda
+    assert torch.isfinite(optimizer.projected_grads).all()
+
+
+# ----------------------------------------------------------------------------- update_from_grads_
+
+
+def test_update_from_grads_matches_in_backward_updates():
+    """A DDP-style comm hook applies half of the updates itself; the rest come from .grad."""
+    generator = torch.Generator().manual_seed(11)
+    model = tiny_model("opt")
+    twin = copy.deepcopy(model)
+    in_backward = Addax(model.parameters(), lr=1e-2, alpha=0.5, weight_decay=0.1, seed=8)
+    via_hook = Addax(twin.parameters(), lr=1e-2, alpha=0.5, weight_decay=0.1, seed=8, fo_in_backward=False)
+    hooked = list(twin.parameters())[::2]
+    calls = []
+
+    def comm_hook(param):
+        via_hook.update_from_grads_([param], [param.grad])
+        calls.append(param)
+        with pytest.raises(RuntimeError, match="already updated"):
+            via_hook.update_from_grads_([param], [param.grad])
+
+    for p in hooked:
+        p.register_post_accumulate_grad_hook(comm_hook)
+    for _ in range(3):
+        long_batch, short_batch = make_batch(generator, 2, 12), make_batch(generator, 2, 6)
+        in_backward.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
+        via_hook.step(loss_fn(twin, long_batch), loss_fn(twin, short_batch))
+    assert len(calls) == 3 * len(hooked)
+    assert_params_equal(model, twin)
+    with pytest.raises(RuntimeError, match="during the backward"):
+        via_hook.update_from_grads_(hooked, [torch.zeros_like(p) for p in hooked])
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_addax_reaches_lower_loss_than_mezo_in_the_same_steps():
+    """Next token = previous + 1 (mod VOCAB): learnable by a tiny Llama.
+
+    Each step sees one batch; Addax splits it by length (the short half gets true gradients),
+    MeZO uses all of it.  Each runs at its best step size from {1e-4, 1e-3, 3e-3, 1e-2, 3e-2}
+    (MeZO diverges at 1e-2 and above; Addax at α = 0.05 is stable at 5e-2).  After 60 steps,
+    measured over two seeds, MeZO's held-out loss is 3.72–3.76 (from 3.88) and Addax's
+    1.81–1.84: requiring a gap of 1 nat leaves half of the observed gap as margin, and MeZO
+    must still have improved (the task is not rigged against it).
+    """
+    generator = torch.Generator().manual_seed(12)
+
+    def counting_batch(size, lengths):
+        starts = torch.randint(0, VOCAB, (size, 1), generator=generator)
+        width = max(lengths)
+        ids = (starts + torch.arange(width)) % VOCAB
+        mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    batches = [counting_batch(8, [16, 16, 14, 12, 6, 6, 5, 4]) for _ in range(60)]
+    held_out = counting_batch(16, [16] * 8 + [6] * 8)
+
+    def final_loss(optimizer_class, **kwargs):
+        model = tiny_model("llama")
+        optimizer = optimizer_class(model.parameters(), seed=1, **kwargs)
+        for batch in batches:
+            if optimizer_class is MeZO:
+                optimizer.step(loss_fn(model, batch))
+            else:
+                zo_batch, fo_batch = split_by_length(batch, threshold=10, trim_padding=True)
+                optimizer.step(loss_fn(model, zo_batch), loss_fn(model, fo_batch))
+        with torch.no_grad():
+            return float(model(**held_out).loss)
+
+    with torch.no_grad():
+        initial = float(tiny_model("llama")(**held_out).loss)
+    mezo = final_loss(MeZO, lr=3e-3, eps=1e-3)
+    addax = final_loss(Addax, lr=5e-2, eps=1e-3, alpha=0.05)
+    assert mezo < initial - 0.05
+    assert addax < mezo - 1.0
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda p: MeZO(p, lr=-1.0), ValueError),
+        (lambda p: MeZO(p, lr=float("nan")), ValueError),
+        (lambda p: MeZO(p, eps=0.0), ValueError),
+        (lambda p: MeZO(p, weight_decay=-0.1), ValueError),
+        (lambda p: MeZO(p, num_directions=0), ValueError),
+        (lambda p: MeZO(p, num_directions=2.0), ValueError),
+        (lambda p: MeZO(p, noise="uniform"), ValueError),
+        (lambda p: MeZO(p, rounding="up"), ValueError),
+        (lambda p: MeZO(p, backend="cuda"), ValueError),
+        (lambda p: MeZO(p, seed=-1), ValueError),
+        (lambda p: MeZO(p, seed=2**64), ValueError),
+        (lambda p: MeZO(p, seed=1.5), TypeError),
+        (lambda p: MeZO(p, grad_reduce=3), TypeError),
+        (lambda p: MeZO([{"params": p, "eps": -1.0}]), ValueError),
+        (lambda p: Addax(p, alpha=1.5), ValueError),
+        (lambda p: Addax(p, alpha=-0.1), ValueError),
+        (lambda p: Addax([{"params": p, "alpha": 2.0}]), ValueError),
+        (lambda p: Addax(p, fo_in_backward=1), TypeError),
+        (lambda p: MeZO([torch.zeros(3, dtype=torch.int32)]), TypeError),
+        (lambda p: MeZO([torch.zeros(4, 4).t()]), ValueError),
+        (lambda p: MeZO([torch.zeros(3, dtype=torch.float64)]), TypeError),
+        (lambda p: MeZO([]), ValueError),
+    ],
+)
+def test_bad_constructor_arguments_are_rejected(make, error):
+    with pytest.raises(error):
+        make([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_bad_step_arguments_are_rejected_and_leave_parameters_alone():
+    model = TwoBranch()
+    x = torch.randn(4, 8)
+    before = copy.deepcopy(model)
+    mezo = MeZO(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="closure"):
+        mezo.step()
+    with pytest.raises(TypeError, match="closure"):
+        mezo.step(None)
+    with pytest.raises(ValueError, match="scalar"):
+        mezo.step(lambda: torch.ones(2))
+    with pytest.raises(TypeError):
+        mezo.step(lambda: "loss")
+    mezo.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        mezo.step(lambda: model.loss(x, True))
+    mezo.param_groups[0]["lr"] = 0.1
+
+    def failing_closure():
+        raise KeyError("data")
+
+    with pytest.raises(KeyError):
+        mezo.step(failing_closure)
+    assert mezo.steps_taken == 0
+    # float32 (θ + ε·z) − ε·z is θ up to one rounding: half an ulp of |θ| < 1, below 6e-8.
+    assert_params_close(model, before, atol=6e-8)
+
+    addax = Addax(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError):
+        addax.step(zo_closure=3)
+    with pytest.raises(ValueError, match="require grad"):
+        addax.step(None, lambda: model.loss(x, False).detach())
+    state = addax.state_dict()
+    state["zo_state"] = {"seed": 1, "step": -3}
+    with pytest.raises(ValueError, match="step"):
+        addax.load_state_dict(state)
+    assert addax.steps_taken == 0 and addax.base_seed == 0
+
+    other = Addax(TwoBranch().parameters(), fo_in_backward=False)
+    first = other.param_groups[0]["params"][0]
+    handle = first.register_post_accumulate_grad_hook(
+        lambda param: other.update_from_grads_([torch.zeros(1)], [torch.zeros(1)])
+    )
+    with pytest.raises(ValueError, match="not a parameter"):
+        other.step(None, lambda: sum(p.square().sum() for p in other.param_groups[0]["params"]))
+    handle.remove()
+    assert_params_close(model, before, atol=6e-8)
+
+
+# ----------------------------------------------------------------------------- groups helper
+
+
+def test_no_decay_param_groups_follow_mezo():
+    for kind in ("opt", "llama"):
+        model = tiny_model(kind)
+        model.get_input_embeddings().weight.requires_grad_(False)
+        groups = no_decay_param_groups(model, weight_decay=0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {names[id(p)] for p in groups[0]["params"]}
+        no_decay = {names[id(p)] for p in groups[1]["params"]}
+        assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+        assert all(n.endswith("bias") or "norm" in n for n in no_decay)
+        assert not any(n.endswith("bias") or "norm" in n for n in decay)
+        assert no_decay and decay
+        assert not any("embed_tokens" in n for n in decay | no_decay)
+    with pytest.raises(TypeError):
+        no_decay_param_groups([torch.zeros(3)])
+    with pytest.raises(ValueError):
+        no_decay_param_groups(torch.nn.Linear(2, 2), weight_decay=-1.0)
