@@ -1,0 +1,274 @@
+"""MeZO's trainer methods with addax_kernels' fused ops underneath.
+
+MeZO's reference trainer (princeton-nlp/MeZO, ``large_models/trainer.py``) does zeroth-order
+SGD with four methods on its ``Trainer`` subclass::
+
+    zo_perturb_parameters(random_seed=None, scaling_factor=1)   θ ← θ + scaling_factor·ε·z
+    zo_forward(model, inputs)                                    loss, no grad, dropout off
+    zo_step(model, inputs)                                       the two-point estimate → projected_grad
+    zo_update(model)                                             θ ← θ − lr·(projected_grad·z + wd·θ)
+
+where z is ``torch.normal`` drawn per parameter after ``torch.manual_seed(zo_random_seed)``.
+:class:`MeZOKernelsMixin` implements the same methods, with the same arguments and the same
+attributes (``named_parameters_to_optim``, ``zo_random_seed``, ``projected_grad``,
+``self.args.zo_eps``, ``self.args.weight_decay``, ``self._get_learning_rate()``,
+``self.lr_scheduler``), on :func:`addax_kernels.perturb_` and :func:`addax_kernels.zo_update_`:
+one fused pass per call, z regenerated inside the kernel from (seed, tensor position, element
+index) instead of materialized per parameter.  Put it first in the bases of an existing MeZO
+trainer (``class Fused(MeZOKernelsMixin, OurTrainer)``) and nothing else changes; the user's
+own ``zo_forward`` is kept.
+
+:class:`MeZOAdapter` is the same mixin as a standalone object for training loops that are not
+a ``transformers.Trainer``.
+
+This module does not import transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..ops import addax_update_, perturb_, zo_update_
+
+__all__ = ["MeZOKernelsMixin", "MeZOAdapter", "MeZOArguments", "mezo_decays"]
+
+ROUNDING_CHOICES = ("auto", "nearest", "stochastic")
+
+# MeZO draws each step's seed as np.random.randint(1000000000).
+_MEZO_SEED_BOUND = 1_000_000_000
+
+
+def mezo_decays(name: str) -> bool:
+    """MeZO's weight-decay rule, verbatim: no decay for names containing ``bias``,
+    ``layer_norm`` or ``layernorm``.
+
+    It is name-based, so e.g. a Llama final ``model.norm.weight`` *is* decayed, as in MeZO.
+    """
+    return "bias" not in name and "layer_norm" not in name and "layernorm" not in name
+
+
+class MeZOKernelsMixin:
+    """MeZO's ``zo_perturb_parameters`` / ``zo_step`` / ``zo_update`` on fused kernels.
+
+    The host class provides, exactly as MeZO's trainer does: ``self.args.zo_eps``,
+    ``self.args.weight_decay``, ``self._get_learning_rate()``, a ``zo_forward(model, inputs)``
+    returning a 0-dim loss, and optionally ``self.lr_scheduler`` (stepped by :meth:`zo_update`,
+    as MeZO does) and ``self.args.gradient_accumulation_steps`` (must be 1, as in MeZO).
+
+    The kernel settings are class attributes, overridable per subclass or instance:
+    ``zo_noise`` ("gaussian" or "rademacher"), ``zo_rounding`` ("auto": perturbations round to
+    nearest, updates of bf16/fp16 parameters round stochastically — see SPEC §2; or
+    "nearest"/"stochastic" for both), ``zo_backend``.
+
+    Stream ids: parameter i of ``named_parameters_to_optim`` uses tid i, so the same set of
+    trainable parameters in the same order gives the same z in every call.
+    """
+
+    zo_noise: str = "gaussian"
+    zo_rounding: str = "auto"
+    zo_backend: str = "auto"
+
+    named_parameters_to_optim: List[Tuple[str, torch.nn.Parameter]]
+    zo_random_seed: int
+    projected_grad: float
+
+    # ------------------------------------------------------------------ MeZO's methods
+
+    def zo_perturb_parameters(self, random_seed: Optional[int] = None, scaling_factor: float = 1) -> None:
+        """θ ← θ + scaling_factor·ε·z(seed) for every parameter being optimized, in one pass.
+
+        ``random_seed`` defaults to ``self.zo_random_seed``, as in MeZO.
+        """
+        seed = self.zo_random_seed if random_seed is None else random_seed
+        perturb_(
+            self._zo_params(),
+            seed,
+            float(scaling_factor) * float(self.args.zo_eps),
+            noise=self.zo_noise,
+            rounding=self._zo_rounding_for("perturb"),
+            backend=self.zo_backend,
+        )
+
+    def zo_step(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+        """MeZO's two-point estimate; sets ``projected_grad`` and returns the loss at θ+εz.
+
+        Same sequence as MeZO: collect the trainable parameters, draw
+        ``zo_random_seed = np.random.randint(1e9)`` (so seeds follow the global numpy RNG that
+        ``transformers.set_seed`` and the Trainer's checkpoints manage), perturb +ε, loss,
+        perturb −2ε, loss, ``projected_grad = ((l+ − l−)/(2ε)).item()``, perturb +ε back.
+        """
+        accumulation = getattr(self.args, "gradient_accumulation_steps", 1)
+        if accumulation != 1:
+            raise ValueError(f"MeZO's zo_step has no gradient accumulation: gradient_accumulation_steps={accumulation}")
+        self.named_parameters_to_optim = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.zo_random_seed = int(np.random.randint(_MEZO_SEED_BOUND))
+
+        self.zo_perturb_parameters(scaling_factor=1)
+        loss_plus = self.zo_forward(model, inputs)
+        self.zo_perturb_parameters(scaling_factor=-2)
+        loss_minus = self.zo_forward(model, inputs)
+        self.projected_grad = ((loss_plus - loss_minus) / (2 * self.args.zo_eps)).item()
+        self.zo_perturb_parameters(scaling_factor=1)
+        return loss_plus
+
+    def zo_update(self, model: Optional[torch.nn.Module] = None) -> None:
+        """θ ← θ − lr·(projected_grad·z + wd·θ), wd = 0 where :func:`mezo_decays` says so; one
+        fused pass.  Then steps ``self.lr_scheduler`` if there is one, as MeZO does.
+
+        ``model`` is accepted for MeZO's call shape; the parameters are those of the last
+        :meth:`zo_step`.
+        """
+        names = [name for name, _ in self.named_parameters_to_optim]
+        zo_update_(
+            self._zo_params(),
+            self.zo_random_seed,
+            self.projected_grad,
+            self._get_learning_rate(),
+            weight_decay=float(self.args.weight_decay),
+            decay_mask=[mezo_decays(name) for name in names],
+            noise=self.zo_noise,
+            rounding=self._zo_rounding_for("update"),
+            backend=self.zo_backend,
+        )
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is not None:
+            scheduler.step()
+
+    def addax_update(self, model: Optional[torch.nn.Module] = None, alpha: float = 0.5) -> None:
+        """Addax's combined update after :meth:`zo_step` and a backward pass on the short batch:
+        θ ← θ − lr·(α·projected_grad·z + (1−α)·θ.grad + wd·θ), one fused pass; parameters
+        without a ``.grad`` get the ZO part only.  Frees the gradients it consumed and steps
+        ``self.lr_scheduler`` if there is one.
+        """
+        names_params = self.named_parameters_to_optim
+        lr = self._get_learning_rate()
+        wd = float(self.args.weight_decay)
+        rounding = self._zo_rounding_for("update")
+        with_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is not None]
+        without_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is None]
+        if with_grad:
+            addax_update_(
+                [p for _, _, p in with_grad],
+                [p.grad.contiguous() for _, _, p in with_grad],
+                self.zo_random_seed,
+                self.projected_grad,
+                lr,
+                alpha,
+                weight_decay=wd,
+                decay_mask=[mezo_decays(n) for _, n, _ in with_grad],
+                tids=[i for i, _, _ in with_grad],
+                noise=self.zo_noise,
+                rounding=rounding,
+                backend=self.zo_backend,
+            )
+            for _, _, p in with_grad:
+                p.grad = None
+        if without_grad:
+            zo_update_(
+                [p for _, _, p in without_grad],
+                self.zo_random_seed,
+                float(alpha) * float(self.projected_grad),
+                lr,
+                weight_decay=wd,
+                decay_mask=[mezo_decays(n) for _, n, _ in without_grad],
+                tids=[i for i, _, _ in without_grad],
+                noise=self.zo_noise,
+                rounding=rounding,
+                backend=self.zo_backend,
+            )
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is not None:
+            scheduler.step()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _zo_params(self) -> List[torch.Tensor]:
+        params = getattr(self, "named_parameters_to_optim", None)
+        if not params:
+            raise ValueError(
+                "named_parameters_to_optim is empty or unset: call zo_step(model, inputs) first, "
+                "or set it to [(name, parameter), ...] with the trainable parameters"
+            )
+        return [p for _, p in params]
+
+    def _zo_rounding_for(self, stage: str) -> str:
+        if self.zo_rounding not in ROUNDING_CHOICES:
+            raise ValueError(f"zo_rounding must be one of {ROUNDING_CHOICES}, got {self.zo_rounding!r}")
+        if self.zo_rounding != "auto":
+            return self.zo_rounding
+        return "nearest" if stage == "perturb" else "stochastic"
+
+
+@dataclass
+class MeZOArguments:
+    """The fields of MeZO's ``args`` that :class:`MeZOKernelsMixin` reads."""
+
+    zo_eps: float = 1e-3
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+
+
+def _model_loss(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):
+        if "loss" not in outputs or outputs["loss"] is None:
+            raise ValueError("the model returned no loss: pass labels in inputs or give MeZOAdapter a loss_fn")
+        return outputs["loss"]
+    return outputs[0]
+
+
+class MeZOAdapter(MeZOKernelsMixin):
+    """:class:`MeZOKernelsMixin` for loops that are not a ``transformers.Trainer``.
+
+    ``loss_fn(model, inputs) -> 0-dim tensor`` defaults to ``model(**inputs).loss``.
+    The learning rate is read from :attr:`lr` at every update: assign to it to schedule.
+
+    Example (the body of MeZO's training step)::
+
+        zo = MeZOAdapter(eps=1e-3, lr=1e-6, weight_decay=0.0)
+        loss = zo.zo_step(model, batch)
+        zo.zo_update(model)
+    """
+
+    def __init__(
+        self,
+        *,
+        eps: float = 1e-3,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        loss_fn: Optional[Callable[[torch.nn.Module, Any], torch.Tensor]] = None,
+        noise: str = "gaussian",
+        rounding: str = "auto",
+        backend: str = "auto",
+    ):
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+            raise ValueError(f"eps must be a positive float, got {eps!r}")
+        if rounding not in ROUNDING_CHOICES:
+            raise ValueError(f"rounding must be one of {ROUNDING_CHOICES}, got {rounding!r}")
+        self.args = MeZOArguments(zo_eps=float(eps), weight_decay=float(weight_decay))
+        self.lr = lr
+        self.loss_fn = loss_fn or _model_loss
+        self.zo_noise = noise
+        self.zo_rounding = rounding
+        self.zo_backend = backend
+        self.named_parameters_to_optim = []
+
+    def _get_learning_rate(self) -> float:
+        return float(self.lr)
+
+    def zo_forward(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+        """Loss without autograd and with dropout off, as MeZO's ``zo_forward``."""
+        model.eval()
+        with torch.no_grad():
+            loss = self.loss_fn(model, inputs)
+        return loss.detach()
+
+    def set_parameters(self, named_parameters: Sequence[Tuple[str, torch.nn.Parameter]]) -> None:
+        """Fix the parameters to perturb without a :meth:`zo_step` (only those with requires_grad)."""
+        self.named_parameters_to_optim = [(n, p) for n, p in named_parameters if p.requires_grad]

@@ -1,0 +1,497 @@
+"""Front-end integrations: the MeZO-style adapter, ZOTrainer, PEFT, and examples/finetune.py.
+
+The adapter is checked against the public ops it must call (bit-exact: same seed, stream ids
+and rounding give the same kernel pass) and against MeZO's formulas evaluated in float64 with
+z materialized by the reference (addax_kernels.rng).  The Trainer tests run a few steps of a
+tiny Llama-style classifier built from a config (no downloads).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import addax_kernels
+from addax_kernels import rng
+from addax_kernels.integrations.mezo_adapter import MeZOAdapter, MeZOArguments, MeZOKernelsMixin, mezo_decays
+
+transformers = pytest.importorskip("transformers")
+
+from addax_kernels.integrations import ZOTrainer, ZOTrainingArguments  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# float32 update of O(1) values in a handful of operations: a few ulps at 2**-23 relative.
+FLOAT32_FORMULA_TOL = 1e-6
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def named_tensors(generator, dtype=torch.float32):
+    shapes = {
+        "layers.0.attn.weight": (8, 5),
+        "layers.0.attn.bias": (8,),
+        "layers.0.layer_norm.weight": (5,),
+        "layers.0.mlp.weight": (3, 7, 2),
+    }
+    return [
+        (name, torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.5).to(dtype)))
+        for name, shape in shapes.items()
+    ]
+
+
+def adapter_over(named, **kwargs):
+    adapter = MeZOAdapter(**kwargs)
+    adapter.set_parameters(named)
+    return adapter
+
+
+def tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=2,
+    )
+    return transformers.LlamaForSequenceClassification(config)
+
+
+class SyntheticClassification(torch.utils.data.Dataset):
+    """Label = whether token 1 occurs; lengths 4..24 so a threshold of 12 splits batches."""
+
+    def __init__(self, size, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.examples = []
+        for _ in range(size):
+            length = int(torch.randint(4, 25, (), generator=generator))
+            ids = torch.randint(2, 32, (length,), generator=generator)
+            label = int(torch.randint(0, 2, (), generator=generator))
+            if label:
+                ids[int(torch.randint(0, length, (), generator=generator))] = 1
+            self.examples.append({"input_ids": ids, "labels": label})
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+
+def pad_collate(examples):
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.zeros(len(examples), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = example["input_ids"]
+        attention_mask[row, :length] = 1
+    labels = torch.tensor([example["labels"] for example in examples])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def training_args(output_dir, method, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        zo_method=method,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        zo_eps=1e-3,
+        addax_alpha=0.5,
+        addax_length_threshold=12,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    settings.update(overrides)
+    return ZOTrainingArguments(**settings)
+
+
+def make_trainer(output_dir, method, model=None, **overrides):
+    return ZOTrainer(
+        model=model if model is not None else tiny_classifier(),
+        args=training_args(output_dir, method, **overrides),
+        train_dataset=SyntheticClassification(64, seed=1),
+        eval_dataset=SyntheticClassification(16, seed=2),
+        data_collator=pad_collate,
+    )
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+def test_integrations_package_does_not_import_transformers():
+    """Only the Trainer integration needs transformers; the adapter must not pull it in."""
+    code = (
+        "import sys, addax_kernels.integrations as i; i.MeZOAdapter; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_perturb_is_perturb_op(generator, dtype):
+    named = named_tensors(generator, dtype)
+    expected = [p.detach().clone() for _, p in named]
+    adapter = adapter_over(named, eps=1e-2)
+    adapter.zo_random_seed = 987654321
+
+    adapter.zo_perturb_parameters(scaling_factor=-2)
+    addax_kernels.perturb_(expected, 987654321, -2 * 1e-2, rounding="nearest")
+    for (name, p), want in zip(named, expected):
+        assert torch.equal(p.detach(), want), name
+
+    # random_seed overrides zo_random_seed, as in MeZO.
+    addax_kernels.perturb_(expected, 5, 1e-2)
+    adapter.zo_perturb_parameters(random_seed=5)
+    for (name, p), want in zip(named, expected):
+        assert torch.equal(p.detach(), want), name
+
+
+def test_adapter_perturb_matches_mezo_formula(generator):
+    named = named_tensors(generator)
+    start = [p.detach().double() for _, p in named]
+    adapter = adapter_over(named, eps=1e-3)
+    adapter.zo_random_seed = 42
+    adapter.zo_perturb_parameters(scaling_factor=3)
+    for tid, ((name, p), theta) in enumerate(zip(named, start)):
+        z = rng.noise(p.shape, 42, tid, dtype=torch.float64)
+        torch.testing.assert_close(p.detach().double(), theta + 3 * 1e-3 * z, rtol=0, atol=FLOAT32_FORMULA_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_update_is_zo_update_op(generator, dtype):
+    named = named_tensors(generator, dtype)
+    expected = [p.detach().clone() for _, p in named]
+    adapter = adapter_over(named, eps=1e-3, lr=0.05, weight_decay=0.1)
+    adapter.zo_random_seed = 2024
+    adapter.projected_grad = -0.75
+
+    adapter.zo_update()
+    mask = [mezo_decays(name) for name, _ in named]
+    assert mask == [True, False, False, True]
+    addax_kernels.zo_update_(
+        expected, 2024, -0.75, 0.05, weight_decay=0.1, decay_mask=mask, rounding="stochastic"
+    )
+    for (name, p), want in zip(named, expected):
+        assert torch.equal(p.detach(), want), name
+
+
+def test_adapter_update_matches_mezo_formula(generator):
+    named = named_tensors(generator)
+    start = [p.detach().double() for _, p in named]
+    adapter = adapter_over(named, lr=0.05, weight_decay=0.1)
+    adapter.zo_random_seed = 7
+    adapter.projected_grad = 1.25
+    adapter.zo_update()
+    for tid, ((name, p), theta) in enumerate(zip(named, start)):
+        z = rng.noise(p.shape, 7, tid, dtype=torch.float64)
+        wd = 0.1 if mezo_decays(name) else 0.0
+        want = theta - 0.05 * (1.25 * z + wd * theta)
+        torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=FLOAT32_FORMULA_TOL)
+
+
+def test_adapter_zo_step_estimate_and_restore(generator):
+    """projected_grad is the two-point estimate at the drawn seed; θ comes back up to rounding."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(16, 6, generator=generator)
+    y = torch.randn(16, 1, generator=generator)
+    loss_fn = lambda m, batch: torch.nn.functional.mse_loss(m(batch[0]), batch[1])  # noqa: E731
+    eps = 1e-3
+    adapter = MeZOAdapter(eps=eps, loss_fn=loss_fn)
+    before = snapshot(model)
+
+    np.random.seed(3)
+    expected_seed = np.random.RandomState(3).randint(1_000_000_000)
+    loss = adapter.zo_step(model, (x, y))
+    assert adapter.zo_random_seed == expected_seed
+
+    params = [before[name] for name, _ in model.named_parameters()]
+
+    def loss_at(scale):
+        shifted = [p + scale * rng.noise(p.shape, expected_seed, tid) for tid, p in enumerate(params)]
+        return torch.func.functional_call(model, dict(zip(before, shifted)), (x,))
+
+    with torch.no_grad():
+        plus = torch.nn.functional.mse_loss(loss_at(eps), y)
+        minus = torch.nn.functional.mse_loss(loss_at(-eps), y)
+    # Losses agree to float32 rounding of θ±εz (~1e-7 relative); divided by 2ε = 2e-3.
+    assert math.isclose(adapter.projected_grad, float((plus - minus) / (2 * eps)), abs_tol=2e-3)
+    assert math.isclose(float(loss), float(plus), rel_tol=1e-5)
+    for name, p in model.named_parameters():
+        # +ε, −2ε, +ε in float32: a few ulps of |θ| + 2ε|z| ≤ ~1 away from the start.
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=1e-6)
+
+
+def test_mixin_drops_into_a_mezo_style_trainer(generator):
+    """A class with MeZO's attributes and its own zo_forward switches to the fused ops by
+    putting the mixin first; its zo_forward is kept and its scheduler is stepped."""
+
+    class SchedulerStub:
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+
+    class LegacyMeZOTrainer:
+        def __init__(self):
+            self.args = MeZOArguments(zo_eps=1e-3, weight_decay=0.0)
+            self.lr_scheduler = SchedulerStub()
+            self.forward_calls = 0
+
+        def _get_learning_rate(self):
+            return 1e-2
+
+        def zo_forward(self, model, inputs):
+            self.forward_calls += 1
+            with torch.no_grad():
+                return (model(inputs) ** 2).mean()
+
+        def zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
+            raise AssertionError("the mixin must take precedence over the legacy method")
+
+    class FusedTrainer(MeZOKernelsMixin, LegacyMeZOTrainer):
+        pass
+
+    trainer = FusedTrainer()
+    model = torch.nn.Linear(4, 3)
+    model.bias.requires_grad_(False)
+    frozen_bias = model.bias.detach().clone()
+    weight = model.weight.detach().clone()
+    trainer.zo_step(model, torch.randn(5, 4, generator=generator))
+    trainer.zo_update(model)
+    assert trainer.forward_calls == 2
+    assert trainer.lr_scheduler.steps == 1
+    assert [name for name, _ in trainer.named_parameters_to_optim] == ["weight"]
+    assert torch.equal(model.bias.detach(), frozen_bias)
+    z = rng.noise(weight.shape, trainer.zo_random_seed, 0)
+    torch.testing.assert_close(model.weight.detach(), weight - 1e-2 * trainer.projected_grad * z, rtol=0, atol=1e-6)
+
+
+def test_adapter_addax_update_is_addax_update_op(generator):
+    named = named_tensors(generator)
+    expected = [p.detach().clone() for _, p in named]
+    grads = [torch.randn(p.shape, generator=generator) for _, p in named]
+    for index in (0, 2):  # two parameters got a gradient, two did not
+        named[index][1].grad = grads[index].clone()
+    adapter = adapter_over(named, lr=0.1, weight_decay=0.01)
+    adapter.zo_random_seed, adapter.projected_grad = 11, 0.5
+
+    adapter.addax_update(alpha=0.25)
+    mask = [mezo_decays(name) for name, _ in named]
+    addax_kernels.addax_update_(
+        [expected[0], expected[2]], [grads[0], grads[2]], 11, 0.5, 0.1, 0.25,
+        weight_decay=0.01, decay_mask=[mask[0], mask[2]], tids=[0, 2],
+    )
+    addax_kernels.zo_update_(
+        [expected[1], expected[3]], 11, 0.25 * 0.5, 0.1,
+        weight_decay=0.01, decay_mask=[mask[1], mask[3]], tids=[1, 3],
+    )
+    for (name, p), want in zip(named, expected):
+        assert torch.equal(p.detach(), want), name
+        assert p.grad is None
+
+
+def test_adapter_rejects_bad_use(generator):
+    adapter = MeZOAdapter()
+    adapter.zo_random_seed, adapter.projected_grad = 1, 0.1
+    with pytest.raises(ValueError, match="zo_step"):
+        adapter.zo_update()
+    with pytest.raises(ValueError, match="eps"):
+        MeZOAdapter(eps=0.0)
+    with pytest.raises(ValueError, match="rounding"):
+        MeZOAdapter(rounding="up")
+    adapter.args.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match="accumulation"):
+        adapter.zo_step(torch.nn.Linear(2, 1), {})
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+
+@pytest.mark.parametrize("method, directions", [("mezo", 1), ("mezo", 2), ("addax", 1)])
+def test_trainer_trains_logs_and_evaluates(tmp_path, method, directions):
+    trainer = make_trainer(tmp_path, method, zo_num_directions=directions, lr_scheduler_type="linear")
+    before = snapshot(trainer.model)
+    result = trainer.train()
+    assert result.global_step == 4
+    # The Trainer's scheduler drives the real optimizer's groups: linear decay reaches 0.
+    assert all(group["lr"] == 0.0 for group in trainer.zo_optimizer.param_groups)
+    assert trainer.zo_optimizer.steps_taken == 4
+    if method == "mezo":
+        assert trainer.zo_optimizer.projected_grads.shape == (directions,)
+    after = snapshot(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(step_logs) == 4
+    learning_rates = [entry["learning_rate"] for entry in step_logs]
+    assert learning_rates == sorted(learning_rates, reverse=True) and learning_rates[0] > learning_rates[-1]
+    for entry in step_logs:
+        assert math.isfinite(entry["loss"])
+        assert entry["projected_grad_rms"] >= 0 and math.isfinite(entry["projected_grad_rms"])
+        assert "grad_norm" not in entry
+    if method == "addax":
+        assert any("zo_loss" in entry for entry in step_logs)
+        assert any("fo_loss" in entry for entry in step_logs)
+
+    # Evaluation builds no gradients and leaves the parameters exactly where training left them.
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    assert all(p.grad is None for p in trainer.model.parameters())
+    for name, p in snapshot(trainer.model).items():
+        assert torch.equal(p, after[name]), name
+
+
+def test_trainer_mezo_step_matches_spec_reference(tmp_path):
+    """One ZOTrainer step against SPEC §3 written out with materialized z: eval-mode losses at
+    θ ± εz, tids = positions in [decayed..., not decayed...], weight decay only on the first."""
+    model = tiny_classifier()
+    start = snapshot(model)
+    trainer = ZOTrainer(
+        model=model,
+        args=training_args(tmp_path, "mezo", max_steps=1, weight_decay=0.1),
+        train_dataset=SyntheticClassification(8, seed=1),
+        data_collator=pad_collate,
+    )
+    batch = pad_collate(list(trainer.train_dataset))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    names = [n for n, _ in model.named_parameters() if n in decayed]
+    names += [n for n, _ in model.named_parameters() if n not in decayed]
+    trainer.train()
+    seed, eps, lr = trainer.zo_optimizer.step_seed(0), 1e-3, 1e-3
+    z = {name: rng.noise(start[name].shape, seed, tid) for tid, name in enumerate(names)}
+
+    reference = tiny_classifier().eval()
+
+    def loss_at(scale):
+        params = {name: start[name] + scale * z[name] for name in names}
+        with torch.no_grad():
+            return torch.func.functional_call(reference, params, (), batch).loss
+
+    plus, minus = loss_at(eps), loss_at(-eps)
+    g = (plus - minus) / (2 * eps)
+    # The batch order differs from ours (the sampler shuffles): losses agree to float32 sums.
+    assert math.isclose(trainer.state.log_history[0]["loss"], float(plus), rel_tol=1e-5)
+    for name, p in model.named_parameters():
+        wd = 0.1 if name in decayed else 0.0
+        want = start[name] - lr * (g * z[name] + wd * start[name])
+        # g carries float32 loss rounding / 2ε (~1e-4 abs); times lr·|z| ≲ 1e-3·5: ≲ 1e-6.
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=2e-6, msg=name)
+
+
+def test_trainer_addax_alpha_endpoints(tmp_path):
+    """alpha = 1 never runs the FO closure (pure MeZO on the long side); alpha = 0 never runs
+    the ZO closure.  Steps whose only side was skipped log no NaN."""
+    for alpha, present, absent in ((1.0, "zo_loss", "fo_loss"), (0.0, "fo_loss", "zo_loss")):
+        trainer = make_trainer(tmp_path / str(alpha), "addax", addax_alpha=alpha, max_steps=2)
+        trainer.train()
+        step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert all(math.isfinite(entry["loss"]) for entry in step_logs)
+        assert any(present in entry for entry in step_logs)
+        assert not any(absent in entry for entry in step_logs)
+
+
+@pytest.mark.parametrize("method", ["mezo", "addax"])
+def test_trainer_resume_is_bit_identical(tmp_path, method):
+    straight = make_trainer(tmp_path / "straight", method, max_steps=6, save_strategy="steps", save_steps=3)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file()
+
+    # A different initialization: everything must come from the checkpoint.
+    resumed = make_trainer(tmp_path / "resumed", method, model=tiny_classifier(seed=99), max_steps=6)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    want = snapshot(straight.model)
+    for name, p in snapshot(resumed.model).items():
+        assert torch.equal(p, want[name]), name
+
+
+def test_trainer_rejects_unsupported_settings(tmp_path):
+    with pytest.raises(ValueError, match="zo_method"):
+        training_args(tmp_path, "sgd")
+    with pytest.raises(ValueError, match="addax_length_threshold"):
+        training_args(tmp_path, "addax", addax_length_threshold=None)
+    with pytest.raises(ValueError, match="zo_eps"):
+        training_args(tmp_path, "mezo", zo_eps=0.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        make_trainer(tmp_path, "mezo", gradient_accumulation_steps=2)
+    with pytest.raises(TypeError, match="ZOTrainingArguments"):
+        ZOTrainer(model=tiny_classifier(), args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    with pytest.raises(TypeError, match="MeZO"):
+        ZOTrainer(
+            model=tiny_classifier(),
+            args=training_args(tmp_path, "mezo"),
+            optimizers=(torch.optim.SGD(tiny_classifier().parameters(), lr=0.1), None),
+        )
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def test_peft_lora_trains_only_adapter_parameters(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = peft.get_peft_model(tiny_classifier(), config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trainable)
+    before = snapshot(model)
+
+    # Addax exercises both paths: ZO perturbations/updates and the in-place FO update.
+    trainer = make_trainer(tmp_path, "addax", model=model, max_steps=3)
+    trainer.train()
+    after = snapshot(trainer.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed, "no adapter parameter moved"
+    assert changed <= trainable, f"frozen parameters were written: {sorted(changed - trainable)}"
+    lora_b = [name for name in trainable if "lora_B" in name]
+    assert any(name in changed for name in lora_b)
+
+
+# ----------------------------------------------------------------------------- example
+
+
+def test_finetune_example_runs_end_to_end(tmp_path):
+    spec = importlib.util.spec_from_file_location("finetune_example", os.path.join(REPO_ROOT, "examples", "finetune.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out_dir = tmp_path / "out"
+    example.main([
+        "--steps", "3", "--out-dir", str(out_dir), "--train-size", "64", "--eval-size", "32",
+        "--batch-size", "8", "--eval-points", "1", "--max-len", "24", "--min-len", "4",
+    ])
+    summary = json.loads((out_dir / "finetune_summary.json").read_text())
+    assert set(summary["methods"]) == {"mezo", "addax", "sgd"}
+    for method, result in summary["methods"].items():
+        assert math.isfinite(result["final_train_loss"]), method
+        assert 0.0 <= result["final_eval_accuracy"] <= 1.0
+        assert result["eval_curve"][-1]["step"] == 3
+    assert summary["methods"]["sgd"]["zo_fraction_of_sequences"] == 0.0
+    assert summary["methods"]["mezo"]["zo_fraction_of_sequences"] == 1.0
+    png = (out_dir / "finetune_loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
