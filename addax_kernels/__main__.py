@@ -1,0 +1,28 @@
+"""Command line: ``python -m addax_kernels bench [options]`` (also ``addax-kernels bench``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {"bench": "measure kernel throughput and full MeZO/Addax steps (see --help)"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m addax_kernels <command> [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from .bench.cli import main as bench_main
+
+        return bench_main(rest)
+    print(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
