@@ -9,7 +9,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
-$PIP install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==${ADDAX_TORCH_VERSION:-2.13.0}"
 fi

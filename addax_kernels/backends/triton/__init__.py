@@ -1,5 +1,68 @@
-"""Triton backend (being written; reports itself unavailable until then)."""
+"""The Triton backend: one fused, multi-tensor launch per dtype group (docs/triton.md).
+
+z is regenerated in the kernel from ``tl.philox`` with the explicit counters of SPEC §1, so
+a pass reads and writes each parameter once and never materializes noise.  On CUDA devices
+the kernels are compiled; on the CPU they run under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is slow and meant for tests.
+
+Importing this package never fails: a missing or broken triton is reported by
+:func:`unavailable_reason`.  The kernels are imported on first use because Triton decides
+between compiling and interpreting when a kernel is defined.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from .. import FusedJob
+
+_KERNELS_MODULE = __name__ + ".kernels"
 
 
-def unavailable_reason(device):
-    return "the Triton backend is not implemented yet"
+def _interpreter_requested() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else a sentence saying why not."""
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # missing, or broken by a mismatched install
+        return f"triton cannot be imported ({type(error).__name__}: {error}); install it with `pip install triton`"
+    interpret = _interpreter_requested()
+    loaded = sys.modules.get(_KERNELS_MODULE)
+    if device.type == "cuda":
+        if interpret:
+            return ("TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only; "
+                    "unset it for CUDA tensors")
+        if not torch.cuda.is_available():
+            return "PyTorch sees no CUDA device or driver"
+        if loaded is not None and loaded.INTERPRETED:
+            return ("the Triton kernels were loaded for the interpreter in this process; "
+                    "restart without TRITON_INTERPRET")
+        return None
+    if device.type == "cpu":
+        if not interpret:
+            return ("on the CPU the Triton backend runs only under its interpreter: "
+                    "set TRITON_INTERPRET=1 before the first use")
+        if loaded is not None and not loaded.INTERPRETED:
+            return "the Triton kernels were compiled for GPU in this process before TRITON_INTERPRET=1 was set"
+        return None
+    return f"the Triton backend runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def fused_update_(params: List[torch.Tensor], grads: Optional[List[torch.Tensor]], job: FusedJob) -> None:
+    """The fused pass of ``addax_kernels.backends`` over one dtype group, in one launch."""
+    from . import launch
+
+    launch.fused_update_(params, grads, job)
