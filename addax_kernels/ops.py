@@ -109,7 +109,7 @@ def _resolve_backend(backend: str, device_name: str, override: str) -> str:
 def _as_tensor_list(tensors: TensorList, name: str) -> List[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
-    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence) and not hasattr(tensors, "__iter__"):
+    if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
         raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, got {type(tensors).__name__}")
     result = list(tensors)
     for index, tensor in enumerate(result):
