@@ -6,9 +6,10 @@
 // bit manipulation instead of library calls, and a log / sincos of our own (the libm
 // versions do not vectorize and the CUDA fast intrinsics miss the accuracy bound near u -> 1).
 //
-// Accuracy of the Gaussian transform (measured in tests/test_native_backend.py against the
-// float64 evaluation of the formula): max |dz| ~ 1e-6, mean |dz| ~ 5e-8 over 1e6 elements,
-// well inside the SPEC bound (1e-3 max, 1e-6 mean).
+// Accuracy of the Gaussian transform against the float64 evaluation of the formula, over every
+// one of the 2^23 uniforms as radius input and as angle input: max |dz| 7e-7, mean |dz| 3.2e-8
+// (the float32 rounding floor), well inside the SPEC bound (1e-3 max, 1e-6 mean) and the
+// tighter one tests/test_native_backend.py pins (5e-6, 1e-7).
 #pragma once
 
 #include <stdint.h>
@@ -82,13 +83,15 @@ ADDAX_HD void mulhilo32(uint32_t multiplier, uint32_t a, uint32_t& hi, uint32_t&
 }
 
 // Random123 Philox4x32-10 rounds on counter (c0, c1, c2, c3) under key (k0, k1), in place.
-// `Lane` is uint32_t, or a SIMD vector of uint32 lanes (csrc/cpu/simd_lanes.h) that provides
-// mulhilo32, ^ and ^ with a broadcast uint32 (found by argument-dependent lookup): the CPU
-// kernels run this one definition on 8 or 16 counters at a time.
+// `Lane` is uint32_t, or a group of SIMD registers of counters (csrc/cpu/simd_lanes.h) that
+// provides mulhilo32, ^ and ^ with a broadcast uint32 (found by argument-dependent lookup): the
+// CPU kernels run this one definition on 32 (AVX-512) or 16 (AVX2) counters at a time.
 template <typename Lane>
 ADDAX_HD void philox4x32_10_rounds(Lane& c0, Lane& c1, Lane& c2, Lane& c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     Lane hi0, lo0, hi1, lo1;
@@ -134,65 +137,73 @@ ADDAX_HD float uniform(uint32_t word) {
 
 // ----------------------------------------------------------------------------- Box–Muller
 
-// sqrt(-2 ln u) for u = uniform(word).  ln is Cephes' logf: u = 2^k * m with m in
-// [sqrt(1/2), sqrt(2)), ln u = k ln 2 + log1p(m - 1) by a degree-9 polynomial; m - 1 is exact
+// The float32 value odd * 2^-24 for an odd integer |odd| < 2^24 of either sign: exact
+// conversion, then the scaling by 2^-24 as an integer subtraction from the exponent field (no
+// multiply; |odd| >= 1 keeps the exponent far from underflow and the sign bit untouched).
+ADDAX_HD float scale_odd_by_2_pow_minus_24(int32_t odd) {
+  return bits_to_float(float_to_bits(static_cast<float>(odd)) - (24u << 23));
+}
+
+// sqrt(-2 ln u) for u = uniform(word).  u = 2^k * m with m in [sqrt(1/2), sqrt(2)) by one
+// integer subtraction from the bits of u (offset by those of sqrt(1/2), the arithmetic shift
+// gives k), then ln u = k ln 2 + log1p(f), f = m - 1, with log1p(f) = f - f^2/2 + f^3 P(f) and
+// P a degree-6 minimax fit (relative error of log1p < 3.2e-8 on the interval, about a
+// float32 ulp: the transform's error stays at the float32 rounding floor).  f is exact
 // (Sterbenz), so as u -> 1 (k = 0, m = u) the result tends to u - 1 < 0 and never turns
-// positive.  Max relative error ~1 ulp on (0, 1).
+// positive.  The -2 of -2 ln u is folded into the coefficients (an exact power-of-two scaling).
+// On the CPU the transform is bound by the number of vector operations, so each one counts.
 ADDAX_HD float box_muller_radius(uint32_t word) {
-  const float u = uniform(word);
-  uint32_t bits = float_to_bits(u);
-  int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
-  bits = (bits & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
-  const bool above_sqrt2 = bits > 0x3FB504F3u;
-  bits = above_sqrt2 ? bits - 0x00800000u : bits;  // m in [sqrt(1/2), sqrt(2))
-  exponent += above_sqrt2 ? 1 : 0;
-  const float f = bits_to_float(bits) - 1.0f;
-  const float k = static_cast<float>(exponent);
+  const int32_t odd = static_cast<int32_t>((word >> 8) | 1u);  // u * 2^24 = 2 (w >> 9) + 1
+  const uint32_t u_bits = float_to_bits(scale_odd_by_2_pow_minus_24(odd));
+  const int32_t offset = static_cast<int32_t>(u_bits - 0x3F3504F3u);  // bits(u) - bits(sqrt(1/2))
+  const float k = static_cast<float>(offset >> 23);
+  const float f = bits_to_float((static_cast<uint32_t>(offset) & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;
   const float f2 = f * f;
-  float poly = 7.0376836292e-2f;
-  poly = poly * f + -1.1514610310e-1f;
-  poly = poly * f + 1.1676998740e-1f;
-  poly = poly * f + -1.2420140846e-1f;
-  poly = poly * f + 1.4249322787e-1f;
-  poly = poly * f + -1.6668057665e-1f;
-  poly = poly * f + 2.0000714765e-1f;
-  poly = poly * f + -2.4999993993e-1f;
-  poly = poly * f + 3.3333331174e-1f;
-  float log_u = poly * f * f2;
-  log_u = log_u + k * -2.12194440e-4f;  // ln 2 split as 0.693359375 - 2.12194440e-4
-  log_u = log_u - 0.5f * f2;
-  log_u = f + log_u;
-  log_u = log_u + k * 0.693359375f;
-  return sqrt_rn(-2.0f * log_u);
+  // -2 P(f) by Horner.
+  float p = -1.7400800652e-1f;
+  p = p * f + 2.8534966762e-1f;
+  p = p * f + -2.9829562862e-1f;
+  p = p * f + 3.3155174596e-1f;
+  p = p * f + -3.9926125808e-1f;
+  p = p * f + 5.0002673752e-1f;
+  p = p * f + -6.6667821488e-1f;
+  // -2 ln u = -2 f + f^2 - 2 f^3 P(f) - 2 k ln 2, small terms first.  -2 k ln 2 in one
+  // rounding (k = 0 for u > sqrt(1/2), and where k != 0 the radius is >= 0.83, so half an ulp
+  // of 2 |k| ln 2 moves z by < 2e-7).
+  float minus_two_log = (p * f) * f2 + f2;
+  minus_two_log = minus_two_log - (f + f);
+  minus_two_log = minus_two_log + k * -1.38629436f;
+  return sqrt_rn(minus_two_log);
 }
 
 // sin and cos of 2*pi*u for u = uniform(word), without forming 2*pi*u in float32.
 // With n = w >> 9, u = (2n + 1) / 2^24; the nearest quarter turn q = round(4u) and the
 // remainder r = u - q/4 in [-1/8, 1/8] are computed exactly in integers, so the only
-// rounding is in the polynomials (Taylor series of sin/cos(2*pi*r) to degree 9/10:
-// truncation < 2e-9 for |2*pi*r| <= pi/4).
+// rounding is in the polynomials: minimax fits sin(2 pi r) = r S(r^2) of degree 7 and
+// cos(2 pi r) = 1 + r^2 C(r^2) of degree 8 (absolute error < 1.3e-9 and < 6e-11 on
+// |r| <= 1/8).
 ADDAX_HD void sincos_two_pi(uint32_t word, float& sin_out, float& cos_out) {
-  const int32_t odd = static_cast<int32_t>(((word >> 9) << 1) | 1u);       // u * 2^24
-  const int32_t quarter = (odd + (1 << 21)) >> 22;                          // round(4u), 0..4
-  const float r = static_cast<float>(odd - (quarter << 22)) * 5.9604644775390625e-8f;
+  const int32_t odd = static_cast<int32_t>((word >> 8) | 1u);  // u * 2^24 = 2 (w >> 9) + 1
+  // round(4u) = q = rounded >> 22 (0..4), and r * 2^24 = odd - q 2^22, an odd integer.
+  const uint32_t rounded = static_cast<uint32_t>(odd) + (1u << 21);
+  const float r = scale_odd_by_2_pow_minus_24(static_cast<int32_t>(rounded & 0x003FFFFFu) - (1 << 21));
   const float r2 = r * r;
-  // sin(2 pi r) = r * S(r^2), cos(2 pi r) = C(r^2): Taylor coefficients (2 pi)^k / k!.
-  float s = 42.058693f;
-  s = s * r2 + -76.70586f;
-  s = s * r2 + 81.60525f;
-  s = s * r2 + -41.3417f;
-  s = s * r2 + 6.2831855f;
+  float s = -7.5240055034e+01f;
+  s = s * r2 + 8.1588124144e+01f;
+  s = s * r2 + -4.1341628036e+01f;
+  s = s * r2 + 6.2831852203e+00f;
   s = s * r;
-  float c = -26.426256f;
-  c = c * r2 + 60.24464f;
-  c = c * r2 + -85.45682f;
-  c = c * r2 + 64.93939f;
-  c = c * r2 + -19.739208f;
+  float c = 5.9245979307e+01f;
+  c = c * r2 + -8.5443742153e+01f;
+  c = c * r2 + 6.4939326475e+01f;
+  c = c * r2 + -1.9739208694e+01f;
   c = c * r2 + 1.0f;
   // Rotate by q quarter turns: (sin, cos) -> (cos, -sin) -> (-sin, -cos) -> (-cos, sin).
-  const bool swap = (quarter & 1) != 0;
-  const uint32_t sin_sign = static_cast<uint32_t>(quarter & 2) << 30;
-  const uint32_t cos_sign = static_cast<uint32_t>((quarter + 1) & 2) << 30;
+  // Bit 0 of q is bit 22 of `rounded`, bit 1 of q (and of q + 1) is bit 23 of `rounded`
+  // (of rounded + 2^22).
+  const bool swap = (rounded & (1u << 22)) != 0;
+  const uint32_t sin_sign = (rounded << 8) & 0x80000000u;
+  const uint32_t cos_sign = ((rounded + (1u << 22)) << 8) & 0x80000000u;
   const float sin_base = swap ? c : s;
   const float cos_base = swap ? s : c;
   sin_out = bits_to_float(float_to_bits(sin_base) ^ sin_sign);
@@ -274,21 +285,33 @@ ADDAX_HD uint16_t float_to_fp16_nearest(float x) {
 }
 
 // SPEC §2 fp16 stochastic rounding: with lo <= |x| < hi adjacent fp16 magnitudes, round up to
-// hi iff (w >> 8) * 2^-24 < (|x| - lo) / (hi - lo).  Both sides are exact in float32 (hi - lo
-// is a power of two), so every backend takes the same decision.
+// hi iff (w >> 8) * 2^-24 < (|x| - lo) / (hi - lo).  Both sides are exact, so every backend
+// takes the same decision; here they are compared without a division.  Where fp16 is normal
+// (|x| >= 2^-14), lo is |x| truncated to fp16's 10 mantissa bits and the fraction is the 13
+// float32 mantissa bits below them: an integer comparison.  Below, the fp16 grid is the
+// multiples of 2^-24: |x| * 2^24 = n + fraction exactly, lo = n * 2^-24.  |x| saturates at
+// the largest finite fp16 (65504, whose fraction is 0).
 ADDAX_HD uint16_t float_to_fp16_stochastic(float x, uint32_t word) {
   const uint32_t bits = float_to_bits(x);
-  const bool finite = (bits & 0x7F800000u) != 0x7F800000u;
-  float magnitude = bits_to_float(bits & 0x7FFFFFFFu);
-  magnitude = magnitude < 65504.0f ? magnitude : 65504.0f;
-  const uint16_t nearest = float_to_fp16_nearest(magnitude);
-  const uint16_t low = fp16_bits_to_float(nearest) > magnitude ? static_cast<uint16_t>(nearest - 1) : nearest;
-  const float low_value = fp16_bits_to_float(low);
-  const float high_value = fp16_bits_to_float(static_cast<uint16_t>(low + 1));
-  const float fraction = (magnitude - low_value) / (high_value - low_value);
-  const float threshold = static_cast<float>(static_cast<int32_t>(word >> 8)) * 5.9604644775390625e-8f;
-  const uint16_t rounded = static_cast<uint16_t>((threshold < fraction ? low + 1 : low) | ((bits >> 16) & 0x8000u));
-  return finite ? rounded : float_to_fp16_nearest(x);
+  const float absolute = bits_to_float(bits & 0x7FFFFFFFu);
+  const float magnitude = absolute < 65504.0f ? absolute : 65504.0f;  // NaN -> 65504, replaced below
+  const uint32_t magnitude_bits = float_to_bits(magnitude);
+  const uint32_t threshold = word >> 8;  // the comparison's left side * 2^24
+  // Normal: fp16 bits of the truncation (exponent rebiased by 112), round up iff
+  // threshold * 2^-24 < fraction_bits * 2^-13.
+  const uint32_t normal = ((magnitude_bits - 0x38000000u) >> 13) +
+                          static_cast<uint32_t>(threshold < ((magnitude_bits & 0x1FFFu) << 11));
+  // Subnormal: n + (threshold < fraction * 2^24) with n = floor(|x| 2^24) < 1024.  Normal
+  // magnitudes (scaled >= 1024) convert 0 instead: the conversion stays in range, and in this
+  // form GCC if-converts and vectorizes the loop.
+  const float scaled = magnitude * 16777216.0f;
+  const int32_t whole = static_cast<int32_t>(scaled < 1024.0f ? scaled : 0.0f);
+  const float fraction = scaled - static_cast<float>(whole);
+  const uint32_t subnormal = static_cast<uint32_t>(whole) +
+                             static_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(threshold)) < fraction * 16777216.0f);
+  const uint32_t rounded = (magnitude_bits >= 0x38800000u ? normal : subnormal) | ((bits >> 16) & 0x8000u);
+  const uint32_t non_finite = float_to_fp16_nearest(x);
+  return static_cast<uint16_t>((bits & 0x7F800000u) != 0x7F800000u ? rounded : non_finite);
 }
 
 }  // namespace addax

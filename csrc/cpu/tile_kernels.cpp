@@ -9,8 +9,9 @@
 // reason.
 //
 // Inside a tile every stage is a flat loop over float/uint32 buffers (structure of arrays):
-// Philox words for all blocks (explicit 8/16-lane SIMD from simd_lanes.h), the Box–Muller
-// transform (auto-vectorized), then load / shift / accumulate / update / store over elements.
+// Philox words for all blocks (explicit SIMD from simd_lanes.h, 32 or 16 blocks per step), the
+// Box–Muller transform (auto-vectorized), then load / shift / accumulate / update / store over
+// elements (one fused loop for the common one-direction update).
 #include "tile_kernels.h"
 
 #include "../philox.h"
@@ -35,36 +36,46 @@ namespace {
 
 constexpr int64_t kMaxBlocks = kTile / kGaussianPerBlock + 2;  // a tile may start and end mid-block
 
+#if ADDAX_WIDE_PHILOX
+constexpr int64_t kPhiloxStep = simd::CounterLanes::kBlocks;
+#else
+constexpr int64_t kPhiloxStep = 1;
+#endif
+// The wide Philox loop runs whole steps and may compute a few words past the last block.
+constexpr int64_t kBlockCapacity = (kMaxBlocks + kPhiloxStep - 1) / kPhiloxStep * kPhiloxStep;
+
 struct BlockWords {
-  alignas(64) uint32_t w0[kMaxBlocks];
-  alignas(64) uint32_t w1[kMaxBlocks];
-  alignas(64) uint32_t w2[kMaxBlocks];
-  alignas(64) uint32_t w3[kMaxBlocks];
+  alignas(64) uint32_t w0[kBlockCapacity];
+  alignas(64) uint32_t w1[kBlockCapacity];
+  alignas(64) uint32_t w2[kBlockCapacity];
+  alignas(64) uint32_t w3[kBlockCapacity];
 };
 
-// Philox words of blocks first_block .. first_block + num_blocks - 1, one array per word.
+// Philox words of blocks first_block .. first_block + num_blocks - 1 (num_blocks <= kMaxBlocks),
+// one array per word.
 void philox_blocks(uint64_t seed, uint32_t tid, uint64_t first_block, int64_t num_blocks, uint32_t purpose,
                    BlockWords& out) {
   const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
   int64_t b = 0;
 #if ADDAX_WIDE_PHILOX
-  using simd::U32Lanes;
   const uint32_t first_low = static_cast<uint32_t>(first_block);
   const uint32_t first_high = static_cast<uint32_t>(first_block >> 32);
+  const int64_t padded = (num_blocks + kPhiloxStep - 1) / kPhiloxStep * kPhiloxStep;
   // Lanes share the high counter word, so the wide path runs only where the low word does not
   // wrap; the scalar loop below handles the rare run that crosses a multiple of 2^32 blocks.
-  if (static_cast<uint64_t>(first_low) + static_cast<uint64_t>(num_blocks) <= (uint64_t{1} << 32)) {
-    for (; b + U32Lanes::kWidth <= num_blocks; b += U32Lanes::kWidth) {
-      U32Lanes c0 = simd::iota(first_low + static_cast<uint32_t>(b));
-      U32Lanes c1 = simd::broadcast(first_high);
-      U32Lanes c2 = simd::broadcast(tid);
-      U32Lanes c3 = simd::broadcast(purpose);
+  if (static_cast<uint64_t>(first_low) + static_cast<uint64_t>(padded) <= (uint64_t{1} << 32)) {
+    for (; b < num_blocks; b += kPhiloxStep) {
+      simd::CounterLanes c0 = simd::iota(first_low + static_cast<uint32_t>(b));
+      simd::CounterLanes c1 = simd::broadcast(first_high);
+      simd::CounterLanes c2 = simd::broadcast(tid);
+      simd::CounterLanes c3 = simd::broadcast(purpose);
       philox4x32_10_rounds(c0, c1, c2, c3, key0, key1);
       simd::store(out.w0 + b, c0);
       simd::store(out.w1 + b, c1);
       simd::store(out.w2 + b, c2);
       simd::store(out.w3 + b, c3);
     }
+    return;
   }
 #endif
   for (; b < num_blocks; ++b) {
@@ -159,6 +170,50 @@ void subtract_scaled(float* __restrict acc, float scale, const float* __restrict
   for (int64_t i = 0; i < count; ++i) acc[i] = acc[i] - scale * values[i];
 }
 
+// The update with one direction (MeZO's restore + step, Addax's step) in one pass over the
+// tile instead of five: the same products and sums in the same order as the general path
+// below (x + shift z; d = 0 + c z [+ g grad] [+ wd x]; x - lr d), so the results are identical.
+// The flags are template parameters so that each combination is a branch-free vector loop.
+template <bool kShift, bool kGrad, bool kDecay>
+void update_one_direction_loop(float* __restrict x, const float* __restrict z, float shift, float coeff,
+                               const float* __restrict grad, float grad_coeff, float weight_decay, float lr,
+                               int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    float xi = x[i];
+    if (kShift) xi = xi + shift * z[i];
+    float direction = 0.0f + coeff * z[i];
+    if (kGrad) direction = direction + grad_coeff * grad[i];
+    if (kDecay) direction = direction + weight_decay * xi;
+    x[i] = xi - lr * direction;
+  }
+}
+
+template <bool kShift, bool kGrad>
+void update_one_direction_decay(float* x, const float* z, float shift, float coeff, const float* grad,
+                                float grad_coeff, float weight_decay, float lr, int64_t count) {
+  if (weight_decay != 0.0f) {
+    update_one_direction_loop<kShift, kGrad, true>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+  } else {
+    update_one_direction_loop<kShift, kGrad, false>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+  }
+}
+
+// grad: null without gradients.
+void update_one_direction(float* x, const float* z, bool has_shift, float shift, float coeff, const float* grad,
+                          float grad_coeff, float weight_decay, float lr, int64_t count) {
+  if (has_shift) {
+    if (grad != nullptr) {
+      update_one_direction_decay<true, true>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+    } else {
+      update_one_direction_decay<true, false>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+    }
+  } else if (grad != nullptr) {
+    update_one_direction_decay<false, true>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+  } else {
+    update_one_direction_decay<false, false>(x, z, shift, coeff, grad, grad_coeff, weight_decay, lr, count);
+  }
+}
+
 void store_storage(StorageType type, bool stochastic, const float* __restrict x, const uint32_t* __restrict words,
                    int64_t count, void* base, int64_t begin) {
   if (type == StorageType::kFloat32) {
@@ -190,31 +245,46 @@ void ADDAX_CONCAT(process_tile_, ADDAX_TILE_ISA)(const TensorArg& tensor, const 
                                                  bool needs_update, int64_t begin, int64_t count) {
   alignas(64) float first_noise[kNoiseBuffer];
   alignas(64) float other_noise[kNoiseBuffer];
-  alignas(64) float x[kTile];
+  alignas(64) float x_buffer[kTile];
   alignas(64) float direction[kTile];
-  alignas(64) float grad[kTile];
+  alignas(64) float grad_buffer[kTile];
   alignas(64) uint32_t rounding_words[kTile + 8];
   BlockWords words;
 
   const uint64_t first = tensor.offset + static_cast<uint64_t>(begin);
   const float* z0 = noise_tile(job.seeds[0], tensor.tid, first, count, job.noise, first_noise, words);
 
-  load_storage(job.param_type, tensor.param, begin, count, x);
-  if (job.has_shift) add_scaled(x, scalars[kScalarShift], z0, count);
-  if (needs_update) {
-    for (int64_t i = 0; i < count; ++i) direction[i] = 0.0f;
-    for (int32_t k = 0; k < job.num_directions; ++k) {
-      const float* zk =
-          k == 0 ? z0 : noise_tile(job.seeds[k], tensor.tid, first, count, job.noise, other_noise, words);
-      add_scaled(direction, scalars[kScalarFirstCoeff + k], zk, count);
+  // float32 parameters are updated in place (every step below is elementwise), which saves a
+  // copy in and a copy out of the tile; other types go through a float32 buffer.
+  const bool in_place = job.param_type == StorageType::kFloat32;
+  float* x = in_place ? static_cast<float*>(tensor.param) + begin : x_buffer;
+  if (!in_place) load_storage(job.param_type, tensor.param, begin, count, x);
+  const float* grad = nullptr;
+  if (needs_update && job.has_grad) {
+    grad = static_cast<const float*>(tensor.grad) + begin;
+    if (job.grad_type != StorageType::kFloat32) {
+      load_storage(job.grad_type, tensor.grad, begin, count, grad_buffer);
+      grad = grad_buffer;
     }
-    if (job.has_grad) {
-      load_storage(job.grad_type, tensor.grad, begin, count, grad);
-      add_scaled(direction, scalars[kScalarGradCoeff], grad, count);
-    }
-    if (tensor.weight_decay != 0.0f) add_scaled(direction, tensor.weight_decay, x, count);
-    subtract_scaled(x, scalars[kScalarLr], direction, count);
   }
+  if (needs_update && job.num_directions == 1) {
+    update_one_direction(x, z0, job.has_shift, scalars[kScalarShift], scalars[kScalarFirstCoeff], grad,
+                         scalars[kScalarGradCoeff], tensor.weight_decay, scalars[kScalarLr], count);
+  } else {
+    if (job.has_shift) add_scaled(x, scalars[kScalarShift], z0, count);
+    if (needs_update) {
+      for (int64_t i = 0; i < count; ++i) direction[i] = 0.0f;
+      for (int32_t k = 0; k < job.num_directions; ++k) {
+        const float* zk =
+            k == 0 ? z0 : noise_tile(job.seeds[k], tensor.tid, first, count, job.noise, other_noise, words);
+        add_scaled(direction, scalars[kScalarFirstCoeff + k], zk, count);
+      }
+      if (grad != nullptr) add_scaled(direction, scalars[kScalarGradCoeff], grad, count);
+      if (tensor.weight_decay != 0.0f) add_scaled(direction, tensor.weight_decay, x, count);
+      subtract_scaled(x, scalars[kScalarLr], direction, count);
+    }
+  }
+  if (in_place) return;
 
   const bool stochastic = job.rounding == Rounding::kStochastic && job.param_type != StorageType::kFloat32;
   const uint32_t* element_words =
