@@ -12,6 +12,7 @@ the same implementation directly.
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import os
@@ -118,11 +119,22 @@ def _as_tensor_list(tensors: TensorList, name: str) -> List[torch.Tensor]:
     return result
 
 
+def _memory_spans(tensors: List[torch.Tensor]) -> List[Tuple[int, int, int]]:
+    """Sorted ``(first byte, end byte, index)`` of the non-empty tensors (none while tracing)."""
+    if torch.compiler.is_compiling():  # fake tensors have no storage addresses
+        return []
+    spans = []
+    for index, tensor in enumerate(tensors):
+        if tensor.numel():
+            start = tensor.data_ptr()
+            spans.append((start, start + tensor.numel() * tensor.element_size(), index))
+    return sorted(spans)
+
+
 def _check_params(params: List[torch.Tensor]) -> torch.device:
     if not params:
         raise ValueError("params is empty")
     device = params[0].device
-    spans = []
     for index, param in enumerate(params):
         where = f"params[{index}] (shape {tuple(param.shape)}, {param.dtype}, {param.device})"
         if param.dtype not in SUPPORTED_DTYPES:
@@ -131,10 +143,7 @@ def _check_params(params: List[torch.Tensor]) -> torch.device:
             raise ValueError(f"{where}: all tensors of one call must be on one device, params[0] is on {device}")
         if not param.is_contiguous():
             raise ValueError(f"{where}: must be contiguous (call .contiguous() and copy back)")
-        if param.numel() and not torch.compiler.is_compiling():  # no storage addresses while tracing
-            start = param.data_ptr()
-            spans.append((start, start + param.numel() * param.element_size(), index))
-    spans.sort()
+    spans = _memory_spans(params)
     for (_, end_a, index_a), (start_b, _, index_b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise ValueError(
@@ -157,6 +166,16 @@ def _check_grads(grads: TensorList, params: List[torch.Tensor]) -> List[torch.Te
             raise ValueError(f"{where}: must be on the params' device {param.device}")
         if not grad.is_contiguous():
             raise ValueError(f"{where}: must be contiguous")
+    # Kernels update params in place while reading grads: a grad sharing memory with any
+    # param would be read after part of it was already overwritten.
+    # Params do not overlap each other (checked), so sorted by start their ends are sorted too:
+    # only the last param starting before a grad's end can overlap it.
+    param_spans = _memory_spans(params)
+    param_starts = [start for start, _, _ in param_spans]
+    for grad_start, grad_end, grad_index in _memory_spans(grads):
+        candidate = bisect.bisect_left(param_starts, grad_end) - 1
+        if candidate >= 0 and param_spans[candidate][1] > grad_start:
+            raise ValueError(f"grads[{grad_index}] overlaps params[{param_spans[candidate][2]}] in memory")
     return grads
 
 

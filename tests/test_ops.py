@@ -240,6 +240,8 @@ def rejected_calls(params, grads):
     yield "grads shape", lambda: ak.addax_update_(params, grads[:-1] + [torch.zeros(2)], 1, 0.1, 0.1, 0.5, **good)
     yield "grads dtype", lambda: ak.addax_update_(params, grads[:-1] + [grads[-1].double()], 1, 0.1, 0.1, 0.5,
                                                   **good)
+    yield "grad aliases param", lambda: ak.addax_update_(params, grads[:-1] + [params[0].view(-1)[: grads[-1].numel()]
+                                                                 .view(grads[-1].shape)], 1, 0.1, 0.1, 0.5, **good)
     yield "alpha range", lambda: ak.addax_update_(params, grads, 1, 0.1, 0.1, 1.5, **good)
     yield "alpha nan", lambda: ak.addax_update_(params, grads, 1, 0.1, 0.1, float("nan"), **good)
     yield "zo_grad 1-d", lambda: ak.addax_update_(params, grads, 1, torch.ones(1), 0.1, 0.5, **good)
