@@ -672,6 +672,32 @@ def test_update_from_grads_matches_in_backward_updates():
         via_hook.update_from_grads_(hooked, [torch.zeros_like(p) for p in hooked])
 
 
+def test_update_from_grads_rejects_a_bad_grad_before_updating_any_group():
+    first = torch.nn.Parameter(torch.randn(4))
+    second = torch.nn.Parameter(torch.randn(3))
+    optimizer = Addax([{"params": [first]}, {"params": [second]}], lr=0.1, alpha=0.5, fo_in_backward=False,
+                      backend="reference")
+    outcomes = []
+
+    def fo_closure():
+        total = first.sum() + second.sum()
+
+        def during_backward(grad):
+            before = first.detach().clone()
+            with pytest.raises(ValueError, match=r"grads\[1\].*shape"):
+                optimizer.update_from_grads_([first, second], [torch.ones(4), torch.ones(5)])
+            outcomes.append(torch.equal(before, first.detach()))
+            optimizer.update_from_grads_([first], [torch.ones(4)])  # not marked updated by the failed call
+            outcomes.append(not torch.equal(before, first.detach()))
+            return grad
+
+        total.register_hook(during_backward)
+        return total * 1.0
+
+    optimizer.step(None, fo_closure)
+    assert outcomes == [True, True]
+
+
 # ----------------------------------------------------------------------------- learning
 
 

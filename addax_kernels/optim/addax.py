@@ -281,4 +281,10 @@ class Addax(ZerothOrderOptimizer):
                 raise TypeError(f"grads[{index}] must be a Tensor, got {type(grad).__name__}")
             seen.add(id(param))
             items.append((location, grad))
+        # Check every pair before the first bucket is updated, so a bad gradient anywhere leaves
+        # all parameters untouched and the error names the caller's index.
+        ops._check_grads(
+            [local_grad(grad) for _, grad in items],
+            [phase.buckets[bucket_index].tensors[position] for (bucket_index, position), _ in items],
+        )
         self._apply_first_order(phase, items)
