@@ -226,18 +226,19 @@ def _finite_float32(value, name: str) -> float:
 def _check_scalar(value, name: str, device: torch.device) -> Union[float, torch.Tensor]:
     """A finite float32-representable float, or a 0-dim float32 tensor on ``device``.
 
-    Device tensors are not checked for NaN: that would cost a host sync every step.
-    A 0-dim CPU tensor given for CUDA params is read on the host (no device sync needed).
+    Accelerator tensors are not checked for NaN: that would cost a host sync every step.
+    0-dim CPU tensors are read on the host and checked like floats (under torch.compile
+    they stay tensors, since reading them would break the graph).
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
         if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _finite_float32(value.item(), name)  # a host value: checking it costs no sync
         if value.device == device:
             return value.detach().to(torch.float32)
-        if value.device.type == "cpu":
-            return _finite_float32(value.item(), name)
         raise ValueError(f"{name} is on {value.device} but params are on {device}")
     return _finite_float32(value, name)
 
@@ -522,6 +523,8 @@ def noise(
     """
     if backend == "reference":
         return _rng.noise(shape, seed, tid, offset, noise=noise, dtype=dtype, device=device)
+    if not dtype.is_floating_point:
+        raise TypeError(f"noise dtype must be floating, got {dtype}")
     if dtype == torch.float64:
         raise ValueError("float64 noise comes from the reference backend only")
     out = torch.zeros(shape if not isinstance(shape, numbers.Integral) else (int(shape),),

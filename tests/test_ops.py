@@ -221,6 +221,10 @@ def rejected_calls(params, grads):
     for scale in (float("nan"), float("inf"), 1e39, "0.1", torch.ones(2), None):
         yield f"scale {scale!r}", lambda scale=scale: ak.perturb_(params, 1, scale, **good)
     yield "nan lr", lambda: ak.zo_update_(params, 1, 0.1, float("nan"), **good)
+    yield "nan cpu-tensor scale", lambda: ak.perturb_(params, 1, torch.tensor(float("nan")), **good)
+    yield "inf cpu-tensor lr", lambda: ak.zo_update_(params, 1, 0.1, torch.tensor(float("inf")), **good)
+    yield "float32 overflow in a float64 tensor", lambda: ak.addax_update_(
+        params, grads, 1, torch.tensor(1e39, dtype=torch.float64), 0.1, 0.5, **good)
     yield "nan coeff", lambda: ak.zo_update_(params, [1, 2], [0.1, float("nan")], 0.1, **good)
     yield "nan restore", lambda: ak.zo_update_(params, 1, 0.1, 0.1, restore=float("inf"), **good)
     yield "coeff count", lambda: ak.zo_update_(params, [1, 2], [0.1], 0.1, **good)
@@ -321,6 +325,9 @@ def test_public_noise_of_reference_backend_matches_rng():
     assert torch.equal(ak.noise((3, 7), 5, tid=2, offset=9), rng.noise((3, 7), 5, 2, 9))
     through_kernel = ak.noise((3, 7), 5, tid=2, offset=9, backend="reference")
     assert torch.equal(through_kernel, rng.noise((3, 7), 5, 2, 9))
+    for backend in ak.available_backends("cpu"):
+        with pytest.raises(TypeError, match="floating"):
+            ak.noise(3, 5, dtype=torch.int32, backend=backend)
     with pytest.raises(ValueError):
         ak.noise(3, 5, dtype=torch.float64, backend="native")
 
