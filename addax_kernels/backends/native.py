@@ -9,6 +9,7 @@ when it is missing or cannot run on a device, :func:`unavailable_reason` says wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional
 
@@ -48,6 +49,16 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return _cuda_device_reason(index)
 
 
+@contextlib.contextmanager
+def _restoring_current_cuda_device():
+    """The extension calls cudaSetDevice before each launch; give the caller back its device."""
+    previous = torch.cuda.current_device()
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(previous)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_device_reason(index: int) -> Optional[str]:
     if not torch.cuda.is_available():
@@ -56,7 +67,8 @@ def _cuda_device_reason(index: int) -> Optional[str]:
         _C.cuda_device_count()
     except RuntimeError as error:
         return f"the extension's CUDA runtime finds no usable device: {error}"
-    problem = _C.cuda_check_device(index)
+    with _restoring_current_cuda_device():
+        problem = _C.cuda_check_device(index)
     return problem or None
 
 
@@ -143,10 +155,13 @@ def fused_update_(params: List[torch.Tensor], grads: Optional[List[torch.Tensor]
         )
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index).cuda_stream
-    if job.scalars.on_device:
-        scalar_tensor = job.scalars.tensor.to(device=device, dtype=torch.float32).contiguous()
-        module.fused_update_cuda(index, stream, **arguments, host_scalars=[], device_scalars=scalar_tensor.data_ptr())
-        # The kernel reads the scalars later on `stream`; keep the block from being reused before.
-        scalar_tensor.record_stream(torch.cuda.current_stream(index))
-    else:
-        module.fused_update_cuda(index, stream, **arguments, host_scalars=list(job.scalars.values), device_scalars=0)
+    with _restoring_current_cuda_device():
+        if job.scalars.on_device:
+            scalar_tensor = job.scalars.tensor.to(device=device, dtype=torch.float32).contiguous()
+            module.fused_update_cuda(index, stream, **arguments, host_scalars=[],
+                                     device_scalars=scalar_tensor.data_ptr())
+            # The kernel reads the scalars later on `stream`; keep the block from being reused before.
+            scalar_tensor.record_stream(torch.cuda.current_stream(index))
+        else:
+            module.fused_update_cuda(index, stream, **arguments, host_scalars=list(job.scalars.values),
+                                     device_scalars=0)
