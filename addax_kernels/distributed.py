@@ -57,7 +57,8 @@ def _describe_rank(group) -> str:
 # ----------------------------------------------------------------------------- shards
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, without importing torch.distributed.tensor."""
     # A DTensor can only exist once its module is imported; checking sys.modules first keeps
     # plain single-process use free of the import.
     module = sys.modules.get("torch.distributed.tensor")
@@ -138,7 +139,7 @@ def local_shard(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"local_shard takes a Tensor, got {type(tensor).__name__}")
-    if not _is_dtensor(tensor):
+    if not is_dtensor(tensor):
         return tensor, 0
     global_shape = tuple(tensor.shape)
     placements = tuple(tensor.placements)
@@ -296,7 +297,7 @@ def _fingerprint(optimizer, group, compare_values: bool) -> Dict[str, Any]:
         # Replicated parameters must start identical (nothing broadcasts them when a ZO run
         # skips DDP); each DTensor element lives on its owning ranks only, so shards are skipped.
         fingerprint["parameter values (checksums; DTensors skipped)"] = [
-            None if _is_dtensor(p) else _value_checksum(p) for p in params
+            None if is_dtensor(p) else _value_checksum(p) for p in params
         ]
     return fingerprint
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
+from ..distributed import is_dtensor, local_shard
 from .. import rng
 from ..backends import BACKEND_NAMES
 
@@ -90,23 +90,9 @@ def check_options(noise: str, rounding: str, backend: str, grad_reduce) -> None:
         raise TypeError(f"grad_reduce must be None or a callable, got {type(grad_reduce).__name__}")
 
 
-def _dtensor_type():
-    # A DTensor can only exist once its module has been imported; checking sys.modules avoids
-    # importing torch.distributed.tensor (half a second) in single-device runs.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def is_dtensor(tensor: torch.Tensor) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
-
-
 def local_view(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(the tensor the kernels update, the global flat index of its first element)."""
     if is_dtensor(tensor):
-        from ..distributed import local_shard
-
         return local_shard(tensor)
     return tensor, 0
 
