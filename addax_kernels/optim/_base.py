@@ -266,9 +266,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             return "nearest", "stochastic"
         return self.rounding, self.rounding
 
-    def _op_kwargs(self, bucket: Bucket, rounding: str) -> dict:
-        return dict(tids=bucket.tids, offsets=bucket.offsets, noise=self.noise, rounding=rounding,
-                    backend=self.backend)
+    def _op_kwargs(self, bucket: Bucket, rounding: str, positions: Optional[Sequence[int]] = None) -> dict:
+        """Keyword arguments of an op call on the whole bucket, or on its tensors at ``positions``."""
+        tids, offsets = bucket.tids, bucket.offsets
+        if positions is not None:
+            tids = [tids[i] for i in positions]
+            offsets = [offsets[i] for i in positions]
+        return dict(tids=tids, offsets=offsets, noise=self.noise, rounding=rounding, backend=self.backend)
 
     def _perturb(self, buckets: Sequence[Bucket], seed: int, eps_multiple: float) -> None:
         rounding = self._roundings()[0]

@@ -149,11 +149,7 @@ class Addax(ZerothOrderOptimizer):
                 group["lr"],
                 restore=float(group["eps"]) if restore else None,
                 weight_decay=float(group["weight_decay"]),
-                tids=[bucket.tids[i] for i in positions],
-                offsets=[bucket.offsets[i] for i in positions],
-                noise=self.noise,
-                rounding=update_rounding,
-                backend=self.backend,
+                **self._op_kwargs(bucket, update_rounding, positions),
             )
 
     def _first_order_phase(self, buckets: List[Bucket], seed: int, projected: Optional[torch.Tensor],
@@ -249,11 +245,7 @@ class Addax(ZerothOrderOptimizer):
                 group["lr"],
                 float(group["alpha"]),
                 weight_decay=float(group["weight_decay"]),
-                tids=[bucket.tids[i] for i in positions],
-                offsets=[bucket.offsets[i] for i in positions],
-                noise=self.noise,
-                rounding=update_rounding,
-                backend=self.backend,
+                **self._op_kwargs(bucket, update_rounding, positions),
             )
             phase.updated.update(id(bucket.params[i]) for i in positions)
 
