@@ -392,6 +392,16 @@ def simulated_failure():
     raise RuntimeError("simulated failure in the closure of rank 1")
 
 
+def timed_step_outcome(optimizer, closure):
+    """The DistributedStepError message of one step (None if it succeeds) and how long it took."""
+    started = time.monotonic()
+    try:
+        optimizer.step(closure)
+    except akd.DistributedStepError as error:
+        return {"message": str(error), "seconds": time.monotonic() - started}
+    return {"message": None, "seconds": time.monotonic() - started}
+
+
 def scenario_rank_one_crashes(rank, world_size):
     """Rank 1 raises inside its second step's closure; rank 0 must get a clear error."""
     model = TinyNet()
@@ -400,12 +410,7 @@ def scenario_rank_one_crashes(rank, world_size):
     optimizer.step(lambda: mse(model, batch))
     if rank == 1:
         optimizer.step(simulated_failure)
-    started = time.monotonic()
-    try:
-        optimizer.step(lambda: mse(model, batch))
-    except akd.DistributedStepError as error:
-        return {"message": str(error), "seconds": time.monotonic() - started}
-    return {"message": None, "seconds": time.monotonic() - started}
+    return timed_step_outcome(optimizer, lambda: mse(model, batch))
 
 
 HANG_TIMEOUT_S = 1.0
@@ -421,12 +426,7 @@ def scenario_rank_one_stalls(rank, world_size):
     if rank == 1:
         time.sleep(HANG_SLEEP_S)
         return {"message": "stalled"}
-    started = time.monotonic()
-    try:
-        optimizer.step(lambda: mse(model, batch))
-    except akd.DistributedStepError as error:
-        return {"message": str(error), "seconds": time.monotonic() - started}
-    return {"message": None, "seconds": time.monotonic() - started}
+    return timed_step_outcome(optimizer, lambda: mse(model, batch))
 
 
 HEALTHY_SCENARIOS = (
