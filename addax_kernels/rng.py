@@ -8,7 +8,14 @@ bit-exactness rather than speed.  Every backend is tested against these function
 * :func:`noise_range` — z for the flat element range ``[start, start + count)`` of tensor
   stream ``tid``; :func:`noise` wraps it for a shaped tensor.
 * :func:`rounding_words` — the purpose-1 word of each element, for stochastic rounding.
+* :func:`keep_mask_range` — the sparsity mask of SPEC §1 (purpose-2 words), and
+  :func:`sparsity_threshold`, the exact integer form of its comparison ``u ≥ p``.
 * :func:`round_to_dtype` — float32 → fp32/fp16/bf16, nearest or stochastic.
+* :func:`state_rounding_seed` — the key whose purpose-1 words round optimizer state buffers.
+
+A seed is a Python int in ``[0, 2**64)`` or a 0-dim int64/uint64 tensor holding those bits
+(SPEC §1); :func:`check_seed` accepts both, and every function here that takes a seed works on
+either without reading a device tensor on the host.
 
 Unsigned 32-bit words are carried in int64 tensors (values in ``[0, 2**32)``) because
 PyTorch's unsigned integer types lack most arithmetic.  Products of two 32-bit words are
@@ -32,11 +39,16 @@ __all__ = [
     "NOISE_KINDS",
     "PURPOSE_NOISE",
     "PURPOSE_ROUNDING",
+    "PURPOSE_MASK",
+    "STATE_ROUNDING_KEYS",
     "philox4x32",
     "uniforms",
     "noise_range",
     "noise",
     "rounding_words",
+    "keep_mask_range",
+    "sparsity_threshold",
+    "state_rounding_seed",
     "round_to_dtype",
     "check_seed",
     "check_tid",
@@ -51,6 +63,17 @@ PHILOX_ROUNDS = 10
 NOISE_KINDS = ("gaussian", "rademacher")
 PURPOSE_NOISE = 0
 PURPOSE_ROUNDING = 1
+PURPOSE_MASK = 2
+
+# Stochastic rounding of optimizer state buffer s (0: momentum / Adam's exp_avg, 1: Adam's
+# exp_avg_sq) draws purpose-1 words under the key ``rounding_seed ^ STATE_ROUNDING_KEYS[s]``,
+# so the parameter and each state buffer of one element round independently.  (SPEC §2 fixes
+# the parameter's words only; the constants are SplitMix64's, odd and dense in bits, so a
+# small or sequential rounding seed lands far from every other seed in use.)
+STATE_ROUNDING_KEYS = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+
+# A sparsity threshold is ceil(p * 2**24): element kept iff 2 * (w >> 9) + 1 >= threshold.
+SPARSITY_SCALE = 1 << 24
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
@@ -58,16 +81,72 @@ _TWO_PI = 2.0 * math.pi
 
 # Elements per Philox call for each noise kind: four Gaussians, or 128 Rademacher signs.
 _ELEMENTS_PER_BLOCK = {"gaussian": 4, "rademacher": 128}
+_SEED_TENSOR_DTYPES = (torch.int64, torch.uint64) if hasattr(torch, "uint64") else (torch.int64,)
 
 
-def check_seed(seed, name: str = "seed") -> int:
-    """Return ``seed`` as a Python int in [0, 2**64) or raise a clear error."""
+def check_seed(seed, name: str = "seed", device: Optional[torch.device] = None) -> Union[int, torch.Tensor]:
+    """``seed`` as a Python int in [0, 2**64), or as a 0-dim int64 tensor (SPEC §1).
+
+    A 0-dim int64 or uint64 tensor is returned as a detached int64 view of the same 64 bits
+    (never read on the host); with ``device`` given it must live there.  Anything else raises
+    a TypeError/ValueError naming ``name``.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0:
+            raise ValueError(f"{name} must be an int or a 0-dim int64/uint64 tensor, got shape {tuple(seed.shape)}")
+        if seed.dtype not in _SEED_TENSOR_DTYPES:
+            raise TypeError(f"{name} must be an int or a 0-dim int64/uint64 tensor, got a {seed.dtype} tensor")
+        if device is not None and seed.device != torch.device(device):
+            raise ValueError(f"{name} is on {seed.device} but must be on {torch.device(device)} (the params' device)")
+        seed = seed.detach()
+        return seed if seed.dtype == torch.int64 else seed.view(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__} {seed!r}")
+        raise TypeError(f"{name} must be an int in [0, 2**64) or a 0-dim int64/uint64 tensor, "
+                        f"got {type(seed).__name__} {seed!r}")
     seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
     return seed
+
+
+def seed_as_int64(seed: int) -> int:
+    """The int64 with the bits of u64 ``seed`` (two's complement), as a seed tensor holds it."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def seed_from_int64(value: int) -> int:
+    """The u64 seed whose bits the int64 ``value`` holds."""
+    return value + 2**64 if value < 0 else value
+
+
+def _key_words(seed: Union[int, torch.Tensor]):
+    """(key lo, key hi) of SPEC §1 as ints, or as int64 tensors for a seed tensor."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(torch.int64)
+        return seed & _MASK32, (seed >> 32) & _MASK32
+    return seed & _MASK32, seed >> 32
+
+
+def state_rounding_seed(rounding_seed: Union[int, torch.Tensor], state_index: int) -> Union[int, torch.Tensor]:
+    """The key of the purpose-1 words that round state buffer ``state_index`` (0 or 1)."""
+    mask = STATE_ROUNDING_KEYS[state_index]
+    if isinstance(rounding_seed, torch.Tensor):
+        return rounding_seed ^ seed_as_int64(mask)
+    return rounding_seed ^ mask
+
+
+def sparsity_threshold(sparsity, name: str = "sparsity") -> int:
+    """The exact integer form of SPEC §1's ``u ≥ p``: ``ceil(p * 2**24)``, 0 for a dense z.
+
+    With u = odd * 2**-24 (odd = 2 * (w >> 9) + 1), u ≥ p  ⇔  odd ≥ ceil(p * 2**24); the
+    product by a power of two is exact for a float p, so every backend compares integers.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
+    value = float(sparsity)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return math.ceil(value * SPARSITY_SCALE)
 
 
 def check_tid(tid, name: str = "tid") -> int:
@@ -149,15 +228,40 @@ def uniforms(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     return ((words >> 9) * 2 + 1).to(dtype) * (2.0**-24)
 
 
-def _block_words(seed: int, tid: int, first_block: int, num_blocks: int, purpose: int, device):
+def _block_words(seed, tid: int, first_block: int, num_blocks: int, purpose: int, device):
+    """Words of Philox blocks ``first_block …`` of stream ``tid``; ``seed`` an int or int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        device = seed.device if device is None else device
+        seed = seed.to(device)
     blocks = torch.arange(first_block, first_block + num_blocks, dtype=torch.int64, device=device)
     c0 = blocks & _MASK32
     c1 = blocks >> 32
     c2 = torch.full_like(blocks, tid)
     c3 = torch.full_like(blocks, purpose)
-    k0 = seed & _MASK32
-    k1 = seed >> 32
+    k0, k1 = _key_words(seed)
     return _philox_words(c0, c1, c2, c3, k0, k1)
+
+
+def _element_words(seed, tid: int, start: int, count: int, purpose: int, device) -> torch.Tensor:
+    """Word ``e & 3`` of block ``e >> 2`` for each element e in ``[start, start + count)`` (int64)."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    first_block = start // 4
+    last_block = (start + count - 1) // 4
+    words = _block_words(seed, tid, first_block, last_block - first_block + 1, purpose, device)
+    flat = torch.stack(words, dim=-1).reshape(-1)
+    skip = start - first_block * 4
+    return flat[skip : skip + count]
+
+
+def keep_mask_range(seed, tid: int, start: int, count: int, threshold: int, device=None) -> torch.Tensor:
+    """SPEC §1 sparsity: True where element e of ``[start, start + count)`` is perturbed.
+
+    Element e is kept iff ``2 * (w >> 9) + 1 >= threshold`` for the purpose-2 word of its lane
+    (``threshold`` from :func:`sparsity_threshold`; 0 keeps everything).
+    """
+    words = _element_words(seed, tid, start, count, PURPOSE_MASK, device)
+    return (words >> 9) * 2 + 1 >= threshold
 
 
 def _gaussian_from_words(words, dtype: torch.dtype) -> torch.Tensor:
@@ -190,11 +294,14 @@ def noise_range(
     dtype: torch.dtype = torch.float32,
     device=None,
     purpose: int = PURPOSE_NOISE,
+    sparsity_threshold: int = 0,
 ) -> torch.Tensor:
     """z for flat elements ``[start, start + count)`` of stream ``tid`` as a 1-D tensor.
 
     ``dtype=torch.float64`` evaluates the Gaussian formula in float64 (the judge of SPEC §1);
     any other dtype evaluates it in float32, the precision every kernel uses, then casts.
+    ``seed`` is an int or a 0-dim int64 tensor.  With ``sparsity_threshold`` > 0 (see
+    :func:`sparsity_threshold`) the elements the mask drops are exactly 0.
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
@@ -212,12 +319,16 @@ def noise_range(
     else:
         z = _rademacher_from_words(words, compute_dtype)
     skip = start - first_block * per_block
-    return z[skip : skip + count].to(dtype)
+    z = z[skip : skip + count]
+    if sparsity_threshold:
+        keep = keep_mask_range(seed, tid, start, count, sparsity_threshold, device=z.device)
+        z = torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    return z.to(dtype)
 
 
 def noise(
     shape,
-    seed: int,
+    seed,
     tid: int = 0,
     offset: int = 0,
     *,
@@ -225,15 +336,19 @@ def noise(
     dtype: torch.dtype = torch.float32,
     device=None,
     purpose: int = PURPOSE_NOISE,
+    sparsity: float = 0.0,
 ) -> torch.Tensor:
     """z materialized for a tensor of ``shape`` whose first element has global index ``offset``.
 
-    For tests and references only: the fused ops never build this tensor.
+    ``seed`` is an int in [0, 2**64) or a 0-dim int64/uint64 tensor; ``sparsity`` p zeroes the
+    elements SPEC §1's purpose-2 mask drops.  For tests and references only: the fused ops never
+    build this tensor.
     """
     seed = check_seed(seed)
     tid = check_tid(tid)
     if purpose not in (PURPOSE_NOISE, PURPOSE_ROUNDING):
         raise ValueError(f"purpose must be 0 (noise) or 1 (rounding bits), got {purpose!r}")
+    threshold = sparsity_threshold(sparsity)
     if isinstance(shape, numbers.Integral):
         shape = (int(shape),)
     shape = torch.Size(shape)
@@ -242,21 +357,15 @@ def noise(
     if not (dtype.is_floating_point):
         raise TypeError(f"noise dtype must be floating, got {dtype}")
     z = noise_range(
-        seed, tid, int(offset), shape.numel(), noise=noise, dtype=dtype, device=device, purpose=purpose
+        seed, tid, int(offset), shape.numel(), noise=noise, dtype=dtype, device=device, purpose=purpose,
+        sparsity_threshold=threshold,
     )
     return z.reshape(shape)
 
 
-def rounding_words(seed: int, tid: int, start: int, count: int, device=None) -> torch.Tensor:
+def rounding_words(seed, tid: int, start: int, count: int, device=None) -> torch.Tensor:
     """The purpose-1 Philox word of each element in ``[start, start + count)`` (int64)."""
-    if count == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    first_block = start // 4
-    last_block = (start + count - 1) // 4
-    words = _block_words(seed, tid, first_block, last_block - first_block + 1, PURPOSE_ROUNDING, device)
-    flat = torch.stack(words, dim=-1).reshape(-1)
-    skip = start - first_block * 4
-    return flat[skip : skip + count]
+    return _element_words(seed, tid, start, count, PURPOSE_ROUNDING, device)
 
 
 _BF16_MAX_FINITE_BITS = 0x7F7F
