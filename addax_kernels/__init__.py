@@ -16,6 +16,8 @@ from .ops import (
     noise,
     perturb_,
     resolve_backend,
+    zo_adam_update_,
+    zo_momentum_update_,
     zo_update_,
 )
 
@@ -31,6 +33,8 @@ __all__ = [
     "philox4x32",
     "resolve_backend",
     "uniforms",
+    "zo_adam_update_",
+    "zo_momentum_update_",
     "zo_update_",
     "__version__",
 ]
