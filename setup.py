@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -33,28 +34,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-DEFAULT_CUDA_ARCHS = "sm_80;sm_90a;compute_90"
-
-CXX_FLAGS = [
-    "-std=c++17",
-    "-O3",
-    "-g0",
-    "-fopenmp",
-    # The kernels round every product and sum like the reference backend: no FMA contraction.
-    "-ffp-contract=off",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fvisibility=hidden",
-]
-# The tile kernel is compiled once per instruction set and chosen at run time (csrc/cpu/).
-TILE_ISA_FLAGS = {
-    # -Wno-maybe-uninitialized: GCC 12 flags _mm512_undefined_epi32 inside its own intrinsics.
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512",
-               "-Wno-maybe-uninitialized"],
-    "avx2": ["-mavx2"],
-    "baseline": [],
-}
-NVCC_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
+# The compiler flags live in csrc/build_flags.py (also read by `python -m addax_kernels sass`).
+_BUILD_FLAGS = runpy.run_path(os.path.join(ROOT, CSRC, "build_flags.py"))
+CXX_FLAGS = _BUILD_FLAGS["CXX_FLAGS"]
+TILE_ISA_FLAGS = _BUILD_FLAGS["TILE_ISA_FLAGS"]
+NVCC_FLAGS = _BUILD_FLAGS["NVCC_FLAGS"]
+DEFAULT_CUDA_ARCHS = _BUILD_FLAGS["DEFAULT_CUDA_ARCHS"]
 
 
 def _flag(name: str) -> bool:
@@ -237,8 +222,8 @@ def _extensions():
             extra_link_args=["-fopenmp"],
             depends=[
                 os.path.join(CSRC, name)
-                for name in ("philox.h", "fused_job.h", "cpu/fused_cpu.h", "cpu/tile_kernels.h", "cpu/simd_lanes.h",
-                             "cuda/fused_cuda.h")
+                for name in ("philox.h", "fused_job.h", "build_flags.py", "cpu/fused_cpu.h", "cpu/tile_kernels.h",
+                             "cpu/simd_lanes.h", "cuda/fused_cuda.h", "cuda/device_math.cuh")
             ],
             language="c++",
         )

@@ -31,6 +31,7 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 constexpr uint32_t kPurposeNoise = 0;
 constexpr uint32_t kPurposeRounding = 1;
+constexpr uint32_t kPurposeMask = 2;
 
 // Elements covered by one Philox call: four Gaussians, or 128 Rademacher signs.
 constexpr int kGaussianPerBlock = 4;
@@ -229,6 +230,10 @@ ADDAX_HD float gaussian4_at(const Gaussian4& z, uint32_t lane) {
   const float high = (lane & 1u) ? z.z3 : z.z2;
   return (lane & 2u) ? high : low;
 }
+
+// SPEC §1 sparsity: element kept iff its purpose-2 uniform u >= p, i.e. (integer form of
+// rng.sparsity_threshold) 2 (w >> 9) + 1 = (w >> 8) | 1 >= threshold.  threshold 0 keeps all.
+ADDAX_HD bool keep_element(uint32_t mask_word, uint32_t threshold) { return ((mask_word >> 8) | 1u) >= threshold; }
 
 // Rademacher z for element e of its 128-element block: bit (e & 31) of word (e >> 5) & 3.
 ADDAX_HD float rademacher(const Words& words, uint32_t index_in_block) {

@@ -1,22 +1,34 @@
 """Native backend: the fused pass in ``addax_kernels._C`` (csrc/).
 
-CPU tensors run the OpenMP + SIMD kernels of csrc/cpu, CUDA tensors the multi-tensor-apply
-kernels of csrc/cuda, both generating z with csrc/philox.h.  The extension takes raw
+CPU tensors run the OpenMP + SIMD kernels of csrc/cpu, CUDA tensors the kernels of csrc/cuda
+(one launch per tensor group over a device-resident tensor table).  The extension takes raw
 addresses and metadata, never torch objects, so it is independent of torch's C++ ABI and of
-its CUDA build; this module turns tensors into those arguments.  The extension is optional:
-when it is missing or cannot run on a device, :func:`unavailable_reason` says why.
+its CUDA build.
+
+Backend protocol (see ``addax_kernels/backends/__init__.py``):
+
+* :func:`prepare` hands the group's addresses, sizes, stream ids, offsets, weight decays and
+  state-buffer addresses to the extension once; the returned ``_C.PreparedGroup`` keeps no
+  tensor references (on CUDA it owns a device copy of that table).
+* :func:`run` does O(1) Python work per call: it passes the seeds and scalars (host values, or
+  the address of the device tensor holding them, read by the kernel), the flags and the
+  caller's gradient list, whose addresses the extension reads at the group's positions.
+
+The extension is optional: when it is missing or cannot run on a device,
+:func:`unavailable_reason` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import List, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import FusedJob
+from .. import rng
+from . import FusedJob, Scalars, Seeds, TensorGroup
 
 try:
     from .. import _C
@@ -26,12 +38,27 @@ except ImportError as _error:  # not built (ADDAX_KERNELS_NO_NATIVE=1, failed bu
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["unavailable_reason", "fused_update_", "philox4x32", "uniforms", "build_info"]
+__all__ = ["unavailable_reason", "prepare", "run", "philox4x32", "uniforms", "build_info"]
 
 _STORAGE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOISE_KINDS = {"gaussian": 0, "rademacher": 1}
 _ROUNDING_MODES = {"nearest": 0, "stochastic": 1}
+_CPU_DEVICE = -1
 _REBUILD_HINT = "rebuild with `pip install --no-build-isolation --no-deps -e .` (see docs/native.md)"
+
+
+def _layout_mismatch() -> Optional[str]:
+    """The extension reads the scalar vector with its own copy of the SCALAR_* slots: they must agree."""
+    from .. import backends as contract
+
+    built = _C.scalar_layout()
+    wrong = sorted(name for name, slot in built.items() if getattr(contract, name, None) != slot)
+    if wrong:
+        return f"addax_kernels._C reads scalar slots {wrong} where backends/__init__.py puts others; {_REBUILD_HINT}"
+    return None
+
+
+_LAYOUT_PROBLEM = _layout_mismatch() if _C is not None else None
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -39,19 +66,26 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     device = torch.device(device)
     if _C is None:
         return f"the extension addax_kernels._C is not built ({_IMPORT_ERROR}); {_REBUILD_HINT}"
+    if _LAYOUT_PROBLEM is not None:
+        return _LAYOUT_PROBLEM
     if device.type == "cpu":
         return None
     if device.type != "cuda":
         return f"the native kernels run on cpu and cuda devices, not {device.type}"
     if not _C.has_cuda:
         return f"addax_kernels._C was {_C.cuda_build_note}"
-    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return _cuda_device_reason(index)
+    return _cuda_device_reason(_device_index(device))
+
+
+def _device_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 @contextlib.contextmanager
 def _restoring_current_cuda_device():
-    """The extension calls cudaSetDevice before each launch; give the caller back its device."""
+    """cuda_check_device selects the device it inspects; give the caller back its own."""
     previous = torch.cuda.current_device()
     try:
         yield
@@ -91,6 +125,80 @@ def _require_extension():
     return _C
 
 
+def prepare(group: TensorGroup, params: Sequence[torch.Tensor], states: Sequence[Sequence[torch.Tensor]]):
+    """The group's launch table as a ``_C.PreparedGroup`` (addresses and sizes, no tensor references).
+
+    ``params`` and each list of ``states`` are the op's whole lists; the group's tensors are at
+    ``group.indices`` (all non-empty, contiguous, on ``group.device``).  On CUDA the table is
+    copied to the device here, once.
+    """
+    module = _require_extension()
+    device = _CPU_DEVICE if group.device.type == "cpu" else _device_index(group.device)
+    indices = group.indices
+    return module.prepare(
+        device,
+        [params[i].data_ptr() for i in indices],
+        list(group.numels),
+        list(group.offsets),
+        list(group.tids),
+        list(group.weight_decay),
+        list(indices),
+        _STORAGE_TYPES[group.param_dtype],
+        _STORAGE_TYPES[group.grad_dtype] if group.grad_dtype is not None else 0,
+        _STORAGE_TYPES[group.state_dtype] if states else 0,
+        [[buffers[i].data_ptr() for i in indices] for buffers in states],
+        rng.STATE_ROUNDING_KEYS,
+    )
+
+
+def _current_stream_handle(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# torch's raw-stream getter skips building a Stream object (a few µs per call); it is private,
+# so fall back to the public API where it is missing.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _current_stream_handle
+
+
+def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> None:
+    """The fused pass over the group ``prepared`` describes, in place (O(1) Python work).
+
+    ``grads`` is the op's whole gradient list (or None); the extension reads the addresses of
+    the group's entries.  Device seeds and scalars are passed by address and read by the kernel
+    on the current stream (no host sync).  ``params`` and ``states`` are not read here: their
+    addresses were fixed by :func:`prepare`.
+    """
+    seeds, scalars = job.seeds, job.scalars
+    if prepared.device != _CPU_DEVICE and job.num_directions > _C.cuda_param_directions:
+        seeds, scalars = _on_device(seeds, scalars, group.device)
+    if seeds.tensor is None:
+        seed_values, seed_address, num_seeds = seeds.values, 0, 0
+    else:
+        seed_values, seed_address, num_seeds = (), seeds.tensor.data_ptr(), seeds.tensor.numel()
+    if scalars.tensor is None:
+        scalar_values, scalar_address, num_scalars = scalars.values, 0, 0
+    else:
+        scalar_values, scalar_address, num_scalars = (), scalars.tensor.data_ptr(), scalars.tensor.numel()
+    if prepared.device == _CPU_DEVICE:
+        threads, stream = torch.get_num_threads(), 0
+    else:
+        threads, stream = 1, _raw_stream(prepared.device)
+    _C.run(prepared, grads, seed_values, seed_address, num_seeds, scalar_values, scalar_address, num_scalars,
+           _NOISE_KINDS[job.noise], _ROUNDING_MODES[job.rounding], job.state, job.num_directions, job.has_shift,
+           job.has_grad, job.sparsity_threshold, threads, stream)
+
+
+def _on_device(seeds: Seeds, scalars: Scalars, device: torch.device):
+    """Host seeds and scalars as device tensors: a CUDA launch carries at most
+    ``_C.cuda_param_directions`` directions by value (more is rare: many-direction ZO steps)."""
+    if seeds.tensor is None:
+        seeds = Seeds(tensor=torch.tensor([rng.seed_as_int64(seed) for seed in seeds.values], dtype=torch.int64,
+                                          device=device))
+    if scalars.tensor is None:
+        scalars = Scalars(tensor=torch.tensor(scalars.values, dtype=torch.float32, device=device))
+    return seeds, scalars
+
+
 def philox4x32(counter, key) -> np.ndarray:
     """Philox4x32-10 words of csrc/philox.h: counters (n, 4), keys (n, 2) of uint32 -> (n, 4) uint32."""
     module = _require_extension()
@@ -107,61 +215,3 @@ def uniforms(words) -> np.ndarray:
     module = _require_extension()
     words = np.asarray(words.cpu() if isinstance(words, torch.Tensor) else words, dtype=np.uint64).astype(np.uint32)
     return module.uniforms(words)
-
-
-def fused_update_(params: List[torch.Tensor], grads: Optional[List[torch.Tensor]], job: FusedJob) -> None:
-    """The fused pass of ``backends/__init__.py`` over tensors of one device and dtype, in place."""
-    module = _require_extension()
-    indices = [i for i, param in enumerate(params) if param.numel()]
-    if not indices:
-        return
-    if len(indices) != len(params):
-        params = [params[i] for i in indices]
-        grads = [grads[i] for i in indices] if grads is not None else None
-        job = job.select(indices)
-    device = params[0].device
-    has_grad = job.has_grad and grads is not None
-    arguments = dict(
-        params=[param.data_ptr() for param in params],
-        grads=[grad.data_ptr() for grad in grads] if has_grad else [],
-        numels=[param.numel() for param in params],
-        offsets=list(job.offsets),
-        tids=list(job.tids),
-        weight_decay=list(job.weight_decay),
-        param_type=_STORAGE_TYPES[params[0].dtype],
-        grad_type=_STORAGE_TYPES[grads[0].dtype] if has_grad else 0,
-        noise=_NOISE_KINDS[job.noise],
-        rounding=_ROUNDING_MODES[job.rounding],
-        seeds=list(job.seeds[: max(1, job.num_directions)]),
-        num_directions=job.num_directions,
-        has_shift=job.has_shift,
-        has_grad=has_grad,
-        # The reference applies the update step when any tensor of the group needs it.
-        needs_update=job.num_directions > 0 or has_grad or any(job.weight_decay),
-    )
-    if device.type == "cpu":
-        if job.scalars.on_device:
-            scalars = job.scalars.tensor.to(torch.float32).tolist()  # a CPU tensor: no sync involved
-        else:
-            scalars = list(job.scalars.values)
-        module.fused_update_cpu(**arguments, scalars=scalars, num_threads=torch.get_num_threads())
-        return
-    if device.type != "cuda" or not module.has_cuda:
-        raise RuntimeError(f"native backend cannot run on {device}: {unavailable_reason(device)}")
-    if job.num_directions > module.max_cuda_directions:
-        raise ValueError(
-            f"the native CUDA kernels take at most {module.max_cuda_directions} directions per call, "
-            f"got {job.num_directions}: split the seeds or use backend='triton'"
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index).cuda_stream
-    with _restoring_current_cuda_device():
-        if job.scalars.on_device:
-            scalar_tensor = job.scalars.tensor.to(device=device, dtype=torch.float32).contiguous()
-            module.fused_update_cuda(index, stream, **arguments, host_scalars=[],
-                                     device_scalars=scalar_tensor.data_ptr())
-            # The kernel reads the scalars later on `stream`; keep the block from being reused before.
-            scalar_tensor.record_stream(torch.cuda.current_stream(index))
-        else:
-            module.fused_update_cuda(index, stream, **arguments, host_scalars=list(job.scalars.values),
-                                     device_scalars=0)

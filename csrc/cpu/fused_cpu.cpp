@@ -57,21 +57,24 @@ Dispatch& dispatch() {
 
 }  // namespace
 
-void fused_update(const TensorArg* tensors, int64_t num_tensors, const JobArgs& job, const float* scalars,
-                  bool needs_update, int num_threads) {
+std::vector<int64_t> tile_starts(const TensorArg* tensors, int64_t num_tensors) {
+  std::vector<int64_t> starts(static_cast<size_t>(num_tensors) + 1, 0);
+  for (int64_t t = 0; t < num_tensors; ++t) starts[t + 1] = starts[t] + (tensors[t].numel + kTile - 1) / kTile;
+  return starts;
+}
+
+void fused_update(const TensorArg* tensors, const void* const* grads, int64_t num_tensors, const int64_t* tile_start,
+                  const GroupArgs& group, const JobArgs& job, int num_threads) {
   const TileKernel process_tile = dispatch().kernel;
-  std::vector<int64_t> first_tile(static_cast<size_t>(num_tensors) + 1, 0);
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    first_tile[t + 1] = first_tile[t] + (tensors[t].numel + kTile - 1) / kTile;
-  }
-  const int64_t total_tiles = first_tile[num_tensors];
+  const bool update = needs_update(group, job);
+  const int64_t total_tiles = tile_start[num_tensors];
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, total_tiles)));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t tile = 0; tile < total_tiles; ++tile) {
-    const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
-    const int64_t begin = (tile - first_tile[t]) * kTile;
+    const int64_t t = std::upper_bound(tile_start, tile_start + num_tensors + 1, tile) - tile_start - 1;
+    const int64_t begin = (tile - tile_start[t]) * kTile;
     const int64_t count = std::min(kTile, tensors[t].numel - begin);
-    process_tile(tensors[t], job, scalars, needs_update, begin, count);
+    process_tile(tensors[t], job.has_grad ? grads[t] : nullptr, group, job, update, begin, count);
   }
 }
 

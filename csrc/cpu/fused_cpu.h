@@ -11,12 +11,16 @@
 namespace addax {
 namespace cpu {
 
+// First tile of each tensor when the tiles of all tensors are numbered in order: num_tensors + 1
+// entries, the last one the total (computed once per prepared group).
+std::vector<int64_t> tile_starts(const TensorArg* tensors, int64_t num_tensors);
+
 // The fused pass (addax_kernels/backends/__init__.py) over `num_tensors` tensors, in place.
-// `scalars` is [shift, lr, grad_coeff, coeff_0, ...]; `needs_update` is the job-level
-// "num_directions > 0 or has_grad or any weight decay" of the reference backend.
-// Results do not depend on `num_threads`: z is a function of (seed, tid, e, purpose) only.
-void fused_update(const TensorArg* tensors, int64_t num_tensors, const JobArgs& job, const float* scalars,
-                  bool needs_update, int num_threads);
+// `grads[t]` is tensor t's gradient (read only when job.has_grad); `tile_start` comes from
+// tile_starts.  Results do not depend on `num_threads`: z is a function of (seed, tid, e,
+// purpose) only, and each element is computed by one thread.
+void fused_update(const TensorArg* tensors, const void* const* grads, int64_t num_tensors, const int64_t* tile_start,
+                  const GroupArgs& group, const JobArgs& job, int num_threads);
 
 // Philox4x32-10 on `count` counters (4 words each) and keys (2 words each).
 void philox4x32(const uint32_t* counters, const uint32_t* keys, int64_t count, uint32_t* out);

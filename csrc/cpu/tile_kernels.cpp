@@ -106,32 +106,13 @@ void expand_signs(const uint32_t* __restrict words, float* __restrict out) {
   }
 }
 
-// z of elements [first, first + count) for one seed; returns a pointer to z[first].
-const float* noise_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, NoiseKind kind, float* buffer,
-                        BlockWords& words) {
-  if (kind == NoiseKind::kGaussian) {
-    const uint64_t first_block = first >> 2;
-    const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 2) - first_block) + 1;
-    philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
-    gaussian_from_blocks(words, num_blocks, buffer);
-    return buffer + (first & 3);
-  }
-  const uint64_t first_block = first >> 7;
-  const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 7) - first_block) + 1;
-  philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const uint32_t block[4] = {words.w0[b], words.w1[b], words.w2[b], words.w3[b]};
-    expand_signs(block, buffer + kRademacherPerBlock * b);
-  }
-  return buffer + (first & 127);
-}
-
-// The purpose-1 word of each element of [first, first + count); returns a pointer to word[first].
-const uint32_t* rounding_words_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, uint32_t* buffer,
-                                    BlockWords& words) {
+// The word of purpose `purpose` of each element of [first, first + count) (lane e & 3 of block
+// e >> 2); returns a pointer to word[first].
+const uint32_t* element_words_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, uint32_t purpose,
+                                   uint32_t* buffer, BlockWords& words) {
   const uint64_t first_block = first >> 2;
   const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 2) - first_block) + 1;
-  philox_blocks(seed, tid, first_block, num_blocks, kPurposeRounding, words);
+  philox_blocks(seed, tid, first_block, num_blocks, purpose, words);
   for (int64_t b = 0; b < num_blocks; ++b) {
     buffer[4 * b + 0] = words.w0[b];
     buffer[4 * b + 1] = words.w1[b];
@@ -139,6 +120,34 @@ const uint32_t* rounding_words_tile(uint64_t seed, uint32_t tid, uint64_t first,
     buffer[4 * b + 3] = words.w3[b];
   }
   return buffer + (first & 3);
+}
+
+// z of elements [first, first + count) for one seed, with the sparsity mask of the same seed
+// applied (threshold 0: dense); returns a pointer to z[first].  `mask_words` is scratch.
+float* noise_tile(uint64_t seed, uint32_t tid, uint64_t first, int64_t count, NoiseKind kind, uint32_t threshold,
+                  float* buffer, uint32_t* mask_words, BlockWords& words) {
+  float* z;
+  if (kind == NoiseKind::kGaussian) {
+    const uint64_t first_block = first >> 2;
+    const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 2) - first_block) + 1;
+    philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
+    gaussian_from_blocks(words, num_blocks, buffer);
+    z = buffer + (first & 3);
+  } else {
+    const uint64_t first_block = first >> 7;
+    const int64_t num_blocks = static_cast<int64_t>(((first + count - 1) >> 7) - first_block) + 1;
+    philox_blocks(seed, tid, first_block, num_blocks, kPurposeNoise, words);
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const uint32_t block[4] = {words.w0[b], words.w1[b], words.w2[b], words.w3[b]};
+      expand_signs(block, buffer + kRademacherPerBlock * b);
+    }
+    z = buffer + (first & 127);
+  }
+  if (threshold != 0) {
+    const uint32_t* mask = element_words_tile(seed, tid, first, count, kPurposeMask, mask_words, words);
+    for (int64_t i = 0; i < count; ++i) z[i] = keep_element(mask[i], threshold) ? z[i] : 0.0f;
+  }
+  return z;
 }
 
 void load_storage(StorageType type, const void* base, int64_t begin, int64_t count, float* __restrict out) {
@@ -235,39 +244,89 @@ void store_storage(StorageType type, bool stochastic, const float* __restrict x,
   }
 }
 
+// acc = momentum * acc + direction, then x = x - lr * acc (torch.optim.SGD's buffer update and
+// step, in the reference's order); `acc` holds the buffer's float32 values.
+void momentum_step(float* __restrict x, float* __restrict acc, const float* __restrict direction, float momentum,
+                   float lr, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float buffer = momentum * acc[i] + direction[i];
+    acc[i] = buffer;
+    x[i] = x[i] - lr * buffer;
+  }
+}
+
+// torch.optim.Adam's moments and step on d, in the reference's order (see backends/__init__.py):
+// m = m + w1 (d - m); v = beta2 v + w2 d^2; x = x - lr m / (sqrt(v) / bc2_sqrt + eps).
+void adam_step(float* __restrict x, float* __restrict m, float* __restrict v, const float* __restrict direction,
+               const float* scalars, int64_t count) {
+  const float w1 = scalars[kScalarAdamW1], beta2 = scalars[kScalarAdamBeta2], w2 = scalars[kScalarAdamW2];
+  const float bc2_sqrt = scalars[kScalarAdamBc2Sqrt], eps = scalars[kScalarAdamEps], lr = scalars[kScalarLr];
+  for (int64_t i = 0; i < count; ++i) {
+    const float d = direction[i];
+    const float m_new = m[i] + w1 * (d - m[i]);
+    const float v_new = beta2 * v[i] + w2 * (d * d);
+    m[i] = m_new;
+    v[i] = v_new;
+    x[i] = x[i] - lr * (m_new / (sqrt_rn(v_new) / bc2_sqrt + eps));
+  }
+}
+
 // Noise buffers start at the block boundary before the tile: up to one extra Rademacher block
 // on each side.
 constexpr int64_t kNoiseBuffer = kTile + 2 * kRademacherPerBlock;
 
+// A state buffer's float32 values for the tile: the buffer itself for float32 state (updated
+// in place), else a copy in `scratch` that store_state writes back.
+float* load_state(StorageType type, void* base, int64_t begin, int64_t count, float* scratch) {
+  if (type == StorageType::kFloat32) return static_cast<float*>(base) + begin;
+  load_storage(type, base, begin, count, scratch);
+  return scratch;
+}
+
+void store_state(StorageType type, const JobArgs& job, const GroupArgs& group, int index, const TensorArg& tensor,
+                 uint64_t first, const float* values, int64_t begin, int64_t count, uint32_t* word_buffer,
+                 BlockWords& words) {
+  if (type == StorageType::kFloat32) return;
+  const bool stochastic = job.rounding == Rounding::kStochastic;
+  const uint32_t* element_words =
+      stochastic ? element_words_tile(rounding_seed(job) ^ group.state_keys[index], tensor.tid, first, count,
+                                      kPurposeRounding, word_buffer, words)
+                 : nullptr;
+  store_storage(type, stochastic, values, element_words, count, tensor.state[index], begin);
+}
+
 }  // namespace
 
-void ADDAX_CONCAT(process_tile_, ADDAX_TILE_ISA)(const TensorArg& tensor, const JobArgs& job, const float* scalars,
-                                                 bool needs_update, int64_t begin, int64_t count) {
+void ADDAX_CONCAT(process_tile_, ADDAX_TILE_ISA)(const TensorArg& tensor, const void* grad_base,
+                                                 const GroupArgs& group, const JobArgs& job, bool needs_update,
+                                                 int64_t begin, int64_t count) {
   alignas(64) float first_noise[kNoiseBuffer];
   alignas(64) float other_noise[kNoiseBuffer];
   alignas(64) float x_buffer[kTile];
   alignas(64) float direction[kTile];
   alignas(64) float grad_buffer[kTile];
-  alignas(64) uint32_t rounding_words[kTile + 8];
+  alignas(64) uint32_t word_buffer[kTile + 8];
   BlockWords words;
 
+  const float* scalars = job.scalars;
   const uint64_t first = tensor.offset + static_cast<uint64_t>(begin);
-  const float* z0 = noise_tile(job.seeds[0], tensor.tid, first, count, job.noise, first_noise, words);
+  const float* z0 = noise_tile(job.seeds[0], tensor.tid, first, count, job.noise, job.sparsity_threshold,
+                               first_noise, word_buffer, words);
 
   // float32 parameters are updated in place (every step below is elementwise), which saves a
   // copy in and a copy out of the tile; other types go through a float32 buffer.
-  const bool in_place = job.param_type == StorageType::kFloat32;
+  const bool in_place = group.param_type == StorageType::kFloat32;
   float* x = in_place ? static_cast<float*>(tensor.param) + begin : x_buffer;
-  if (!in_place) load_storage(job.param_type, tensor.param, begin, count, x);
+  if (!in_place) load_storage(group.param_type, tensor.param, begin, count, x);
   const float* grad = nullptr;
   if (needs_update && job.has_grad) {
-    grad = static_cast<const float*>(tensor.grad) + begin;
-    if (job.grad_type != StorageType::kFloat32) {
-      load_storage(job.grad_type, tensor.grad, begin, count, grad_buffer);
+    grad = static_cast<const float*>(grad_base) + begin;
+    if (group.grad_type != StorageType::kFloat32) {
+      load_storage(group.grad_type, grad_base, begin, count, grad_buffer);
       grad = grad_buffer;
     }
   }
-  if (needs_update && job.num_directions == 1) {
+  if (needs_update && job.num_directions == 1 && job.state == StateKind::kNone) {
     update_one_direction(x, z0, job.has_shift, scalars[kScalarShift], scalars[kScalarFirstCoeff], grad,
                          scalars[kScalarGradCoeff], tensor.weight_decay, scalars[kScalarLr], count);
   } else {
@@ -275,21 +334,38 @@ void ADDAX_CONCAT(process_tile_, ADDAX_TILE_ISA)(const TensorArg& tensor, const 
     if (needs_update) {
       for (int64_t i = 0; i < count; ++i) direction[i] = 0.0f;
       for (int32_t k = 0; k < job.num_directions; ++k) {
-        const float* zk =
-            k == 0 ? z0 : noise_tile(job.seeds[k], tensor.tid, first, count, job.noise, other_noise, words);
+        const float* zk = k == 0 ? z0
+                                 : noise_tile(job.seeds[k], tensor.tid, first, count, job.noise,
+                                              job.sparsity_threshold, other_noise, word_buffer, words);
         add_scaled(direction, scalars[kScalarFirstCoeff + k], zk, count);
       }
       if (grad != nullptr) add_scaled(direction, scalars[kScalarGradCoeff], grad, count);
       if (tensor.weight_decay != 0.0f) add_scaled(direction, tensor.weight_decay, x, count);
-      subtract_scaled(x, scalars[kScalarLr], direction, count);
+      if (job.state == StateKind::kNone) {
+        subtract_scaled(x, scalars[kScalarLr], direction, count);
+      } else {
+        // The noise buffers are free now: they hold the state buffers' float32 copies.
+        float* first_state = load_state(group.state_type, tensor.state[0], begin, count, first_noise);
+        if (job.state == StateKind::kMomentum) {
+          momentum_step(x, first_state, direction, scalars[kScalarMomentum], scalars[kScalarLr], count);
+        } else {
+          float* second_state = load_state(group.state_type, tensor.state[1], begin, count, other_noise);
+          adam_step(x, first_state, second_state, direction, scalars, count);
+          store_state(group.state_type, job, group, 1, tensor, first, second_state, begin, count, word_buffer,
+                      words);
+        }
+        store_state(group.state_type, job, group, 0, tensor, first, first_state, begin, count, word_buffer, words);
+      }
     }
   }
   if (in_place) return;
 
-  const bool stochastic = job.rounding == Rounding::kStochastic && job.param_type != StorageType::kFloat32;
+  const bool stochastic = job.rounding == Rounding::kStochastic;
   const uint32_t* element_words =
-      stochastic ? rounding_words_tile(job.seeds[0], tensor.tid, first, count, rounding_words, words) : nullptr;
-  store_storage(job.param_type, stochastic, x, element_words, count, tensor.param, begin);
+      stochastic ? element_words_tile(rounding_seed(job), tensor.tid, first, count, kPurposeRounding, word_buffer,
+                                      words)
+                 : nullptr;
+  store_storage(group.param_type, stochastic, x, element_words, count, tensor.param, begin);
 }
 
 }  // namespace cpu

@@ -9,16 +9,17 @@ namespace addax {
 namespace cpu {
 
 // Elements per tile: a multiple of 128 so that whole Rademacher blocks fit; the buffers of a
-// tile (~30 KiB) stay in L1/L2.
+// tile (~40 KiB) stay in L1/L2.
 constexpr int64_t kTile = 1024;
 
-// Elements [begin, begin + count) of `tensor`, count <= kTile.
-using TileKernel = void (*)(const TensorArg& tensor, const JobArgs& job, const float* scalars, bool needs_update,
-                            int64_t begin, int64_t count);
+// Elements [begin, begin + count) of `tensor`, count <= kTile.  `grad` is the tensor's
+// gradient (null without gradients); `needs_update` is addax::needs_update(group, job).
+using TileKernel = void (*)(const TensorArg& tensor, const void* grad, const GroupArgs& group, const JobArgs& job,
+                            bool needs_update, int64_t begin, int64_t count);
 
-void process_tile_avx512(const TensorArg&, const JobArgs&, const float*, bool, int64_t, int64_t);
-void process_tile_avx2(const TensorArg&, const JobArgs&, const float*, bool, int64_t, int64_t);
-void process_tile_baseline(const TensorArg&, const JobArgs&, const float*, bool, int64_t, int64_t);
+void process_tile_avx512(const TensorArg&, const void*, const GroupArgs&, const JobArgs&, bool, int64_t, int64_t);
+void process_tile_avx2(const TensorArg&, const void*, const GroupArgs&, const JobArgs&, bool, int64_t, int64_t);
+void process_tile_baseline(const TensorArg&, const void*, const GroupArgs&, const JobArgs&, bool, int64_t, int64_t);
 
 }  // namespace cpu
 }  // namespace addax

@@ -1,9 +1,8 @@
-// CUDA kernels: the fused pass as a multi-tensor apply, behind a host API of plain types.
+// CUDA kernels: the fused pass over a prepared tensor group, behind a host API of plain types.
 //
 // Compiled by nvcc alone (no torch headers) and linked with the static CUDA runtime, so the
-// extension does not depend on the CUDA version of the installed torch.  Every function sets
-// the device it is given before touching it: the static runtime keeps its own current
-// device, separate from torch's.  Errors come back as a message (empty string: success).
+// extension does not depend on the CUDA version of the installed torch.  Errors come back as
+// a message (empty string: success).
 #pragma once
 
 #include <stdint.h>
@@ -15,8 +14,8 @@
 namespace addax {
 namespace cuda {
 
-// Directions one launch carries in its by-value table; zo_update_ with more seeds is refused.
-constexpr int kMaxDirections = 32;
+// A group's device-resident tensor table (opaque to the bindings).
+struct DeviceGroup;
 
 // Number of CUDA devices, or -1 with `error` set when the driver or a device is missing.
 int device_count(std::string* error);
@@ -25,12 +24,22 @@ int device_count(std::string* error);
 // in), else why not.
 std::string check_device(int device);
 
-// The fused pass on `device`, enqueued on `stream` (a cudaStream_t as an integer; 0 is the
-// legacy default stream).  `host_scalars` ([shift, lr, grad_coeff, coeff_0, ...]) is used when
-// `device_scalars` is null; otherwise the kernel reads that float32 array on the device.
-std::string fused_update(int device, uintptr_t stream, const TensorArg* tensors, int64_t num_tensors,
-                         const JobArgs& job, const float* host_scalars, const float* device_scalars,
-                         bool needs_update);
+// Copies the table of `num_tensors` tensors (non-empty, on `device`) to the device: one
+// allocation, freed by release_group.  Runs synchronously (call it outside graph capture).
+std::string prepare_group(int device, const TensorArg* tensors, int64_t num_tensors, const GroupArgs& group,
+                          DeviceGroup** out);
+void release_group(DeviceGroup* group);
+
+// One fused pass over `group`, enqueued on `stream` (a cudaStream_t as an integer).  `grads`
+// holds one address per tensor when job.has_grad.  job.seeds / job.scalars point to host
+// memory, or with `seeds_on_device` / `scalars_on_device` to device memory that the kernel
+// reads.  The caller's current device is restored before returning.
+std::string run_group(const DeviceGroup* group, uintptr_t stream, const void* const* grads, const JobArgs& job,
+                      bool seeds_on_device, bool scalars_on_device);
+
+// Directions whose host seeds and coefficients a launch carries by value (more: pass them in
+// device memory).
+constexpr int kParamDirections = 32;
 
 }  // namespace cuda
 }  // namespace addax
