@@ -120,8 +120,27 @@ class OptionalNativeBuild(build_ext):
             cuda_note = cuda.result()
         ext.extra_objects += tiles
         ext.define_macros.append(("ADDAX_CUDA_BUILD_NOTE", _c_string(cuda_note)))
+        # distutils rebuilds by timestamps of sources and `depends` only: a stamp of the macros
+        # recompiles the sources when the configuration changes (e.g. a CPU-only build followed
+        # by a CUDA build in place), and the prebuilt objects relink the module when they change.
+        ext.depends += [self._configuration_stamp(ext)] + list(ext.extra_objects)
         self._compile_cxx_in_parallel(ext)
         super().build_extension(ext)
+
+    def _configuration_stamp(self, ext) -> str:
+        """A file whose content is the extension's macros, rewritten only when they change."""
+        os.makedirs(self.build_temp, exist_ok=True)
+        path = os.path.join(self.build_temp, "addax_native_configuration.txt")
+        content = "\n".join(f"{name}={value}" for name, value in ext.define_macros) + "\n"
+        try:
+            with open(path) as handle:
+                unchanged = handle.read() == content
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            with open(path, "w") as handle:
+                handle.write(content)
+        return path
 
     def _compile_tile_kernels(self, ext, pool):
         """csrc/cpu/tile_kernels.cpp once per instruction set (x86-64), else once."""
@@ -192,12 +211,29 @@ class OptionalNativeBuild(build_ext):
         host_compiler = shutil.which(host_compiler.split()[0]) or "g++"
         threads = str(_max_jobs())
 
+        # What a .cu object depends on besides its source: the headers it includes and the flags.
+        headers = [os.path.join(ROOT, CSRC, name) for name in ("fused_job.h", "philox.h", "build_flags.py")]
+        headers += [os.path.join(ROOT, CSRC, "cuda", name) for name in os.listdir(os.path.join(ROOT, CSRC, "cuda"))
+                    if name.endswith((".h", ".cuh"))]
+
         def compile_one(source):
             target = os.path.join(build_dir, os.path.basename(source) + ".o")
-            command = [nvcc, *NVCC_FLAGS, *gencode, "--threads", threads, "-ccbin", host_compiler,
-                       "-c", source, "-o", target]
+            command = [nvcc, *NVCC_FLAGS, *gencode, "-ccbin", host_compiler, "-c", source, "-o", target]
+            recorded = target + ".command"
+            inputs = [os.path.join(ROOT, source)] + headers
+            try:
+                with open(recorded) as handle:
+                    same_command = handle.read() == " ".join(command)
+                up_to_date = same_command and os.path.getmtime(target) >= max(map(os.path.getmtime, inputs))
+            except OSError:
+                up_to_date = False
+            if up_to_date and not self.force:
+                _log(f"{source} is up to date")
+                return target
             _log(" ".join(command))
-            subprocess.run(command, check=True, cwd=ROOT)
+            subprocess.run(command[:1] + ["--threads", threads] + command[1:], check=True, cwd=ROOT)
+            with open(recorded, "w") as handle:
+                handle.write(" ".join(command))
             return target
 
         with ThreadPoolExecutor(max_workers=_max_jobs()) as pool:

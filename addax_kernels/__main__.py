@@ -1,11 +1,14 @@
-"""Command line: ``python -m addax_kernels bench [options]`` (also ``addax-kernels bench``)."""
+"""Command line: ``python -m addax_kernels <command> [options]`` (also ``addax-kernels <command>``)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"bench": "measure kernel throughput and full MeZO/Addax steps (see --help)"}
+COMMANDS = {
+    "bench": "measure kernel throughput and full MeZO/Addax steps (see --help)",
+    "sass": "count SASS instructions per element of the GPU kernels for an H200, offline (see --help)",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -20,6 +23,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench.cli import main as bench_main
 
         return bench_main(rest)
+    if command == "sass":
+        from .bench.sass import main as sass_main
+
+        return sass_main(rest)
     print(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -803,3 +803,74 @@ def test_cuda_tensor_past_2_to_the_31_elements():
         window = tensor[start: start + 3000].float().cpu()
         assert torch.equal(window, rng.noise(3000, 77, tid=9, offset=start, noise="rademacher")), start
     assert int(torch.count_nonzero(tensor.view(torch.int16))) == numel
+
+
+# ----------------------------------------------------------------------------- SASS report rules
+
+
+def _synthetic_listing() -> str:
+    """An nvdisasm -g listing of one kernel: a chunk loop (line 10) around a steady-state loop
+    (line 20) whose body skips a rare call block, and a masked loop (line 30)."""
+    text = [".text._kernel:"]
+    address = 0
+
+    def emit(line, instruction, label=None):
+        nonlocal address
+        if label:
+            text.append(f"{label}:")
+        text.append(f'\t//## File "{SASS_SOURCE}", line {line}')
+        text.append(f"        /*{address:04x}*/                   {instruction} ;")
+        address += 16
+
+    emit(1, "S2R R0, SR_TID.X")                                # prologue: 2
+    emit(1, "MOV R1, RZ")
+    emit(10, "LDG.E R2, desc[UR4][R4.64]", ".L_x_1")          # chunk head: 3 into the loop
+    emit(10, "IADD3 R3, R2, 0x1, RZ")
+    emit(10, "@P0 BRA `(.L_x_4)")                              # (a chunk without a vector range)
+    emit(20, "LDG.E.128 R8, desc[UR4][R6.64]", ".L_x_2")      # loop body: 5 counted
+    emit(20, "FFMA R8, R8, R9, R10")
+    emit(20, "@!P1 BRA `(.L_x_3)")                             # skip the rare calls
+    emit(20, "MOV R20, R8")                                    # cold: not counted
+    emit(20, "CALL.REL.NOINC `($slow)")
+    emit(20, "STG.E.128 desc[UR4][R6.64], R8", ".L_x_3")
+    emit(20, "NOP")
+    emit(20, "@P2 BRA `(.L_x_2)")                              # back edge
+    emit(10, "@P5 BRA `(.L_x_5)", ".L_x_4")                    # no masked work in a full chunk
+    emit(30, "LDG.E.U16 R11, desc[UR4][R6.64]", ".L_x_6")     # masked loop: 3 counted
+    emit(30, "STG.E.U16 desc[UR4][R6.64], R11")
+    emit(30, "@P3 BRA `(.L_x_6)")
+    emit(10, "IADD3 R5, R5, 0x1, RZ", ".L_x_5")                # back to the next chunk: 3 with the guard
+    emit(10, "@P4 BRA `(.L_x_1)")
+    emit(1, "EXIT")
+    return "\n".join(text) + "\n"
+
+
+SASS_SOURCE = "/src/csrc/cuda/fused_cuda.cu"
+
+
+def test_sass_counting_rules_on_a_synthetic_listing(monkeypatch):
+    from addax_kernels.bench import sass_native
+
+    monkeypatch.setattr(sass_native, "SOURCE", SASS_SOURCE)
+    kernels = sass_native.parse_disassembly(_synthetic_listing())
+    instructions, labels = kernels["_kernel"]
+    facts = sass_native.SourceFacts(storage={}, noise={}, ops={}, chunk=65536, threads=256,
+                                    loop_lines={10: "CHUNK", 20: "gaussian", 30: "MASKED"})
+    counts = sass_native.count_kernel(instructions, labels, facts)
+    assert counts.loop == 5  # LDG, FFMA, BRA, STG, back-edge BRA: the NOP and the cold calls are not counted
+    assert counts.loop_kind == "gaussian"
+    assert counts.prologue == 2
+    assert counts.chunk_overhead == 3 + 3  # into the loop, and from its exit (past the masked loop) back
+    assert counts.masked == 3
+    assert counts.access_bytes == 16
+
+
+def test_sass_variants_map_to_kernels_of_the_source():
+    from addax_kernels.bench import sass, sass_native
+
+    facts = sass_native.source_facts()
+    assert set(facts.loop_lines.values()) >= {"gaussian", "rademacher", "CHUNK", "MASKED"}
+    keys = {sass_native.kernel_key(variant, facts) for variant in sass.VARIANTS}
+    assert len(keys) == len(sass.VARIANTS)  # every row is its own kernel
+    # The budget of the issue: ~31 instructions per element for a bf16 pass, ~62 for fp32.
+    assert 31.0 < sass.budget_per_element(4) < 31.5 and 62.0 < sass.budget_per_element(8) < 62.6

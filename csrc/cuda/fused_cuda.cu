@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -154,7 +155,9 @@ struct Spec {
   static constexpr NoiseKind N = N_;
   static constexpr bool kStochastic = kStochastic_;  // 16-bit parameters (and bf16 state) round stochastically
   static constexpr Op O = O_;
-  static constexpr StorageType G = G_;  // gradient type (kGrad)
+  // The gradient type (kGrad) as a type: an unreferenced constant member would draw a warning
+  // in every kernel without gradients.
+  using Grad = std::integral_constant<StorageType, G_>;
   static constexpr int kGradBytes = Storage<G_>::kBytes;
   static constexpr bool kGaussian = N == NoiseKind::kGaussian;
   static constexpr int E = 16 / Storage<P>::kBytes;  // elements per 16-byte unit
@@ -504,7 +507,7 @@ __device__ __forceinline__ void fast_unit(const LaunchContext& L, const ChunkCon
   float grad[E];
   if constexpr (K::O == Op::kGrad) {
     __builtin_assume(__isGlobal(grad_address));
-    load_vector_readonly<K::G, E>(grad_address, grad);
+    load_vector_readonly<K::Grad::value, E>(grad_address, grad);
   }
   update_elements<K, kDecay, E>(x, grad, z, L.c, C.decay);
   uint32_t words[E];
@@ -692,7 +695,7 @@ __device__ __forceinline__ void masked_block(const typename K::Args& a, const La
     float grad[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if constexpr (K::O == Op::kGrad) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) grad[e] = valid[e] ? load_one<K::G>(C.grad, static_cast<int64_t>(g + e)) : 0.0f;
+      for (int e = 0; e < 4; ++e) grad[e] = valid[e] ? load_one<K::Grad::value>(C.grad, static_cast<int64_t>(g + e)) : 0.0f;
     }
     if (K::O != Op::kPerturb && C.decay != 0.0f) {
       update_elements<K, true, 4>(x, grad, z0, L.c, C.decay);
@@ -746,6 +749,7 @@ __device__ __forceinline__ void gaussian_units(const LaunchContext& L, const Chu
   char* param = reinterpret_cast<char*>(C.param + (first + E * threadIdx.x) * Storage<K::P>::kBytes);
   const char* grad = reinterpret_cast<const char*>(C.grad + (first + E * threadIdx.x) * K::kGradBytes);
   UnitNoise<E> z;
+#pragma unroll 1
   do {
     fast_unit<K, kDecay>(L, C, param, grad, block_lo, block_hi, z);
     param += 16 * kStride;
@@ -779,6 +783,7 @@ __device__ __forceinline__ void rademacher_tiles(const LaunchContext& L, const C
   const uint64_t lane_first = first + static_cast<uint64_t>(warp) * kTile + lane_offset;
   char* param = reinterpret_cast<char*>(C.param + lane_first * Storage<K::P>::kBytes);
   const char* grad = reinterpret_cast<const char*>(C.grad + lane_first * kGradBytes);
+#pragma unroll 1
   do {
     const uint4 words = philox(tile_block, tile_block_hi, C.tid, kPurposeNoise, L.noise_key);
 #pragma unroll

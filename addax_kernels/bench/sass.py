@@ -1,0 +1,220 @@
+"""``python -m addax_kernels sass``: the offline SASS report of both GPU backends (no GPU needed).
+
+Both backends are compiled for an H200 (sm_90a): the native kernels with nvcc and setup.py's
+flags (:mod:`addax_kernels.bench.sass_native`), the Triton kernel offline for
+``GPUTarget("cuda", 90, 32)`` (:mod:`addax_kernels.bench.sass_triton`).  Each row counts the
+SASS instructions one thread issues per element in the steady state, with the per-program
+(per thread block, per chunk, per ragged tensor end) work amortized over the reference group
+below, and turns the count into an estimated cap on throughput:
+
+    budget per element = issue rate x bytes moved per element / copy bandwidth
+    estimated_cap      = min(1, budget / sass_per_element)
+
+An in-place pass over bf16 parameters moves 4 bytes per element (read + write): an H200 issues
+3.35e13 thread-instructions per second against 4.3e12 B/s of copy bandwidth, so the pass stays
+memory-bound up to 3.35e13 * 4 / 4.3e12 = 31.2 instructions per element.  Compute-bound kernels
+reach ~85% of their cap; the cap says how much room the instruction stream leaves, not a
+measured speed.
+
+This module is the one home of the budget, the reference group and the variant list; the
+backend collectors import them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# H200: 132 SMs x 4 schedulers x 1.98 GHz x 32 threads, against ~4.3 TB/s of copy bandwidth.
+H200_SMS = 132
+H200_THREAD_INSTRUCTIONS_PER_S = H200_SMS * 4 * 1.98e9 * 32  # 3.35e13
+H200_COPY_BYTES_PER_S = 4.3e12
+H200_REGISTERS_PER_SM = 65536
+H200_MAX_THREADS_PER_SM = 2048
+TARGET_ARCH = 90
+
+# The reference group the per-program work is amortized over: MODEL_TENSORS tensors of equal
+# size, MODEL_ELEMENTS elements in all, none a multiple of any tile (each has a ragged end).
+MODEL_TENSORS = 400
+MODEL_ELEMENTS = 1 << 27
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPS = ("perturb", "zo_update", "addax_update")
+
+DEFAULT_OUT = os.path.join("bench", "results", "sass-sm90")
+
+# Cap targets of the report (issue 13), checked in the summary.
+TARGET_CAP_PERTURB = 0.95  # perturb fp32/bf16/fp16 Gaussian and every Rademacher variant
+TARGET_CAP_UPDATE = 0.90  # zo_update bf16 (restore + 1 direction) and addax_update bf16
+
+
+def budget_per_element(bytes_per_element: float) -> float:
+    """SASS thread-instructions an H200 can issue per element while moving the bytes at copy bandwidth."""
+    return H200_THREAD_INSTRUCTIONS_PER_S * bytes_per_element / H200_COPY_BYTES_PER_S
+
+
+def estimated_cap(bytes_per_element: float, instructions_per_element: float) -> float:
+    """The fraction of copy bandwidth the issue rate allows (1.0: memory-bound)."""
+    return min(1.0, budget_per_element(bytes_per_element) / instructions_per_element)
+
+
+def resident_blocks(registers: int, threads: int) -> int:
+    """Thread blocks an H200 SM keeps resident for a kernel using ``registers`` per thread."""
+    by_registers = H200_REGISTERS_PER_SM // max(1, registers * threads)
+    return max(1, min(by_registers, H200_MAX_THREADS_PER_SM // threads))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: an op with its dtypes, noise and rounding (host seeds and scalars, no weight decay).
+
+    ``zo_update`` is MeZO's fused restore + one direction; ``addax_update`` one direction plus
+    the gradient.
+    """
+
+    op: str
+    param_dtype: str
+    grad_dtype: Optional[str] = None
+    noise: str = "gaussian"
+    rounding: str = "nearest"
+
+    def bytes_per_element(self) -> int:
+        size = DTYPE_BYTES[self.param_dtype]
+        return 2 * size + (DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else 0)
+
+    def target_cap(self) -> Optional[float]:
+        """The issue-13 target for this variant, or None where the report sets none."""
+        if self.noise == "rademacher":
+            return TARGET_CAP_PERTURB
+        if self.op == "perturb":
+            return TARGET_CAP_PERTURB if self.rounding == "nearest" else None
+        return TARGET_CAP_UPDATE if self.param_dtype == "bf16" else None
+
+
+VARIANTS: Tuple[Variant, ...] = (
+    Variant("perturb", "fp32"),
+    Variant("perturb", "bf16"),
+    Variant("perturb", "fp16"),
+    Variant("perturb", "bf16", rounding="stochastic"),
+    Variant("perturb", "fp32", noise="rademacher"),
+    Variant("perturb", "bf16", noise="rademacher"),
+    Variant("perturb", "fp16", noise="rademacher"),
+    Variant("perturb", "bf16", noise="rademacher", rounding="stochastic"),
+    Variant("zo_update", "bf16", rounding="stochastic"),
+    Variant("zo_update", "bf16", rounding="nearest"),
+    Variant("zo_update", "bf16", noise="rademacher", rounding="stochastic"),
+    Variant("addax_update", "bf16", "bf16", rounding="stochastic"),
+    Variant("addax_update", "bf16", "bf16", rounding="nearest"),
+    Variant("addax_update", "bf16", "fp32", rounding="stochastic"),
+    Variant("addax_update", "bf16", "fp32", rounding="nearest"),
+)
+
+ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding", "sass_per_element", "registers",
+              "spills", "access_bytes", "estimated_cap")
+
+
+def make_row(backend: str, variant: Variant, sass_per_element: float, registers: int, spills: int,
+             access_bytes: int, **details) -> dict:
+    """A report row (the ROW_FIELDS, then backend-specific ``details``)."""
+    row = {
+        "backend": backend,
+        **{key: value for key, value in asdict(variant).items()},
+        "sass_per_element": round(sass_per_element, 2),
+        "registers": registers,
+        "spills": spills,
+        "access_bytes": access_bytes,
+        "estimated_cap": round(estimated_cap(variant.bytes_per_element(), sass_per_element), 3),
+    }
+    row.update(details)
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _collect(name: str, module: str, function: str) -> Tuple[List[dict], Optional[str]]:
+    """Rows from one backend's collector, or ([], why not) when it cannot run here."""
+    try:
+        collector = getattr(__import__(f"addax_kernels.bench.{module}", fromlist=[function]), function)
+    except ImportError as error:
+        return [], f"{name}: collector addax_kernels.bench.{module} is not available ({error})"
+    try:
+        return list(collector()), None
+    except Exception as error:  # a missing compiler or toolkit is a reportable outcome, not a crash
+        return [], f"{name}: {type(error).__name__}: {error}"
+
+
+def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
+    lines = [
+        "# SASS instructions per element on an H200 (sm_90a), offline",
+        "",
+        f"Budget: {H200_THREAD_INSTRUCTIONS_PER_S:.3g} thread-instructions/s against {H200_COPY_BYTES_PER_S:.3g} B/s "
+        f"of copy bandwidth; per-program work amortized over {MODEL_TENSORS} tensors of {MODEL_ELEMENTS} elements "
+        "in all. estimated_cap = min(1, budget / sass_per_element); target from issue 13.",
+        "",
+        "| backend | op | param | grad | noise | rounding | SASS/elem | budget | cap | target | regs | spills | access B |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        variant = Variant(row["op"], row["param_dtype"], row["grad_dtype"], row["noise"], row["rounding"])
+        target = variant.target_cap()
+        verdict = "" if target is None else (f">= {target:.2f} " + ("met" if row["estimated_cap"] >= target else "MISSED"))
+        lines.append(
+            f"| {row['backend']} | {row['op']} | {row['param_dtype']} | {row['grad_dtype'] or '-'} | {row['noise']} | "
+            f"{row['rounding']} | {row['sass_per_element']:.1f} | {budget_per_element(variant.bytes_per_element()):.1f} | "
+            f"{row['estimated_cap']:.2f} | {verdict} | {row['registers']} | {row['spills']} | {row['access_bytes']} |"
+        )
+    if problems:
+        lines += ["", "Not reported:", ""] + [f"- {problem}" for problem in problems]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m addax_kernels sass",
+        description="Compile both GPU backends for sm_90a (no GPU needed) and report SASS instructions per "
+                    "element against the H200 issue budget.",
+    )
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    parser.add_argument("--backends", default="native,triton", help="comma list of native,triton (default: both)")
+    args = parser.parse_args(argv)
+    wanted = [name.strip() for name in args.backends.split(",") if name.strip()]
+    collectors = {"native": ("sass_native", "native_rows"), "triton": ("sass_triton", "triton_rows")}
+    unknown = [name for name in wanted if name not in collectors]
+    if unknown:
+        parser.error(f"unknown backends {unknown}; choose from {sorted(collectors)}")
+    rows: List[dict] = []
+    problems: List[str] = []
+    for name in wanted:
+        backend_rows, problem = _collect(name, *collectors[name])
+        rows += backend_rows
+        if problem:
+            problems.append(problem)
+    os.makedirs(args.out, exist_ok=True)
+    report: Dict[str, object] = {
+        "budget": {
+            "sms": H200_SMS,
+            "thread_instructions_per_s": H200_THREAD_INSTRUCTIONS_PER_S,
+            "copy_bytes_per_s": H200_COPY_BYTES_PER_S,
+            "model_tensors": MODEL_TENSORS,
+            "model_elements": MODEL_ELEMENTS,
+        },
+        "rows": rows,
+        "not_reported": problems,
+    }
+    with open(os.path.join(args.out, "sass.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+        handle.write("\n")
+    summary = _format_summary(rows, problems)
+    with open(os.path.join(args.out, "summary.md"), "w") as handle:
+        handle.write(summary)
+    sys.stdout.write(summary)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
