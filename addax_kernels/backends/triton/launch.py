@@ -11,6 +11,7 @@ No tensor is referenced after ``prepare`` returns: classes keep addresses and si
 from __future__ import annotations
 
 import contextlib
+import operator
 import struct
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
@@ -168,16 +169,21 @@ class _Class:
 
 
 class Prepared:
-    """What ``run`` needs for one group: its classes and the structural part of the launch."""
+    """What ``run`` needs for one group: its classes, and caches of launches (per job structure)
+    and of gradient deltas (per set of gradient addresses)."""
 
-    __slots__ = ("device", "block", "width", "classes", "grad_cache", "__weakref__")
+    __slots__ = ("device", "block", "width", "classes", "all_indices", "pick", "launches", "grad_cache",
+                 "__weakref__")
 
-    def __init__(self, device, block, width, classes):
+    def __init__(self, device, block, width, classes, indices):
         self.device = device
         self.block = block
         self.width = width
         self.classes = classes
-        self.grad_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.all_indices = indices == tuple(range(len(indices)))
+        self.pick = (lambda tensors: (tensors[indices[0]],)) if len(indices) == 1 else operator.itemgetter(*indices)
+        self.launches = {}
+        self.grad_cache: "OrderedDict[tuple, _GradClasses]" = OrderedDict()
 
 
 def _tiles(begin: int, numel: int, block: int):
@@ -245,7 +251,7 @@ def prepare(group: TensorGroup, params, states) -> Prepared:
                 members, access, rows, full_members + [0] + edge_members, member_offsets, len(full_rows),
                 full_tiles, len(edge_rows), param_base, state_bases, device,
             ))
-    return Prepared(device, block, width, tuple(classes))
+    return Prepared(device, block, width, tuple(classes), tuple(group.indices))
 
 
 # ----------------------------------------------------------------------------- run
@@ -275,37 +281,110 @@ def _view(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat if flat.dtype == dtype else flat.view(dtype)
 
 
-def _pointer(address: int, tensor: torch.Tensor, dtype: torch.dtype, access: int):
-    dtype = torch.uint8 if access == K.ACCESS_BYTES else _POINTER_DTYPES[dtype]
-    if K.INTERPRETED:
-        return _view(tensor, dtype)
-    return _Pointer(address, dtype)
+class _GradClasses:
+    """Per class: the gradients' delta table, access mode and base pointer, for one set of addresses."""
+
+    __slots__ = ("tables", "accesses", "bases", "firsts")
+
+    def __init__(self, prepared: "Prepared", group: TensorGroup, addresses: Tuple[int, ...], size: int):
+        by_index = dict(zip(group.indices, addresses))
+        self.tables, self.accesses, self.bases, self.firsts = [], [], [], []
+        for launch_class in prepared.classes:
+            members, offsets = launch_class.members, launch_class.member_offsets
+            access = max(_access_mode(by_index[index], offset, size) for index, offset in zip(members, offsets))
+            base = _base_address(by_index[members[0]], access)
+            deltas = [_delta(by_index[members[m]], base, offsets[m], size, access) for m in launch_class.row_members]
+            self.tables.append(_upload(deltas, torch.int64, prepared.device, "upload the gradients' addresses"))
+            self.accesses.append(access)
+            self.bases.append(base)
+            self.firsts.append(members[0])
+        self.accesses = tuple(self.accesses)
 
 
-def _grad_classes(prepared: Prepared, group: TensorGroup, grads: Sequence[torch.Tensor]):
-    """Per class (gradient deltas per table row, access mode, base pointer), cached by address."""
-    key = tuple(grads[index].data_ptr() for index in group.indices)
-    entry = prepared.grad_cache.get(key)
+def _grad_classes(prepared: "Prepared", group: TensorGroup, grads: Sequence[torch.Tensor]) -> _GradClasses:
+    """The gradients' per-class deltas, cached by their addresses (O(1) beyond reading them)."""
+    if prepared.all_indices and len(grads) == len(group.indices):
+        addresses = tuple([grad.data_ptr() for grad in grads])
+    else:
+        addresses = tuple(map(torch.Tensor.data_ptr, prepared.pick(grads)))
+    entry = prepared.grad_cache.get(addresses)
     if entry is not None:
-        prepared.grad_cache.move_to_end(key)
+        prepared.grad_cache.move_to_end(addresses)
         return entry
-    size = grads[group.indices[0]].element_size()
-    addresses = dict(zip(group.indices, key))
-    entry = []
-    for launch_class in prepared.classes:
-        members = launch_class.members
-        access = max(_access_mode(addresses[index], offset, size)
-                     for index, offset in zip(members, launch_class.member_offsets))
-        base = _base_address(addresses[members[0]], access)
-        deltas = [_delta(addresses[members[m]], base, launch_class.member_offsets[m], size, access)
-                  for m in launch_class.row_members]
-        table = _upload(deltas, torch.int64, prepared.device, "upload the gradients' addresses")
-        entry.append((table, access, base, members[0]))
-    entry = tuple(entry)
-    prepared.grad_cache[key] = entry
+    entry = _GradClasses(prepared, group, addresses, grads[group.indices[0]].element_size())
+    prepared.grad_cache[addresses] = entry
     if len(prepared.grad_cache) > _GRAD_CACHE_ENTRIES:
         prepared.grad_cache.popitem(last=False)
     return entry
+
+
+class _Launch:
+    """One class's launch for one job structure: constexprs, warps and grid."""
+
+    __slots__ = ("launch_class", "constexprs", "warps", "grid", "tiles_per_program", "occupancy_key",
+                 "param_pointer", "state_pointers")
+
+    def __init__(self, prepared: "Prepared", group: TensorGroup, launch_class: _Class, structure: dict,
+                 grad_access: int):
+        self.launch_class = launch_class
+        self.constexprs = dict(structure, ACCESS=launch_class.access, GRAD_ACCESS=grad_access)
+        self.warps = num_warps(self.constexprs)
+        device = prepared.device
+        self.occupancy_key = (device.index, tuple(self.constexprs.values()))
+        self.param_pointer = _Pointer(launch_class.param_base, _pointer_dtype(group.param_dtype, launch_class.access))
+        self.state_pointers = tuple(_Pointer(base, _pointer_dtype(group.state_dtype, launch_class.access))
+                                    for base in launch_class.state_bases)
+        self.set_geometry(prepared)
+
+    def set_geometry(self, prepared: "Prepared") -> None:
+        full_tiles = self.launch_class.num_full_tiles
+        if K.INTERPRETED:
+            programs = min(full_tiles, INTERPRETER_PROGRAMS)
+        else:
+            per_sm = _programs_per_sm.get(self.occupancy_key, DEFAULT_PROGRAMS_PER_SM)
+            programs = min(full_tiles, _multiprocessors(prepared.device) * per_sm)
+        # Contiguous runs of equal length: the longest run sets the time either way.
+        self.tiles_per_program = -(-full_tiles // programs) if programs else 0
+        programs = -(-full_tiles // self.tiles_per_program) if programs else 0
+        self.grid = (self.launch_class.num_edges + programs,)
+
+
+def _pointer_dtype(dtype: torch.dtype, access: int) -> torch.dtype:
+    return torch.uint8 if access == K.ACCESS_BYTES else _POINTER_DTYPES[dtype]
+
+
+def _launches(prepared: "Prepared", group: TensorGroup, job: FusedJob, grad_accesses) -> Tuple[_Launch, ...]:
+    """The launches of ``job``'s structure (cached on ``prepared``: new values of seeds and
+    scalars reuse them)."""
+    key = (job.has_shift, min(job.num_directions, 2), job.has_grad, job.state, job.noise, job.rounding,
+           job.sparsity_threshold > 0, job.seeds.on_device, job.scalars.on_device, grad_accesses)
+    launches = prepared.launches.get(key)
+    if launches is None:
+        structure = dict(
+            BLOCK=prepared.block,
+            WIDTH=prepared.width,
+            PARAM_STORAGE=_STORAGE_CODES[group.param_dtype],
+            GRAD_STORAGE=_STORAGE_CODES[group.grad_dtype] if job.has_grad else K.STORAGE_FP32,
+            STATE_STORAGE=_STORAGE_CODES[group.state_dtype] if group.state_dtype is not None else K.STORAGE_FP32,
+            HAS_SHIFT=job.has_shift,
+            DIRECTIONS=min(job.num_directions, 2),
+            HAS_GRAD=job.has_grad,
+            HAS_DECAY=group.has_decay,
+            STATE=job.state,
+            NOISE=_NOISE_CODES[job.noise],
+            ROUNDING=_ROUNDING_CODES[job.rounding],
+            SPARSE=job.sparsity_threshold > 0,
+            SEEDS_ON_DEVICE=job.seeds.on_device,
+            SCALARS_ON_DEVICE=job.scalars.on_device,
+            FAST=prepared.device.type == "cuda" and torch.version.hip is None,
+        )
+        launches = tuple(
+            _Launch(prepared, group, launch_class, structure,
+                    grad_accesses[number] if grad_accesses is not None else K.ACCESS_VECTOR)
+            for number, launch_class in enumerate(prepared.classes)
+        )
+        prepared.launches[key] = launches
+    return launches
 
 
 def _host_seed_arguments(job: FusedJob) -> Tuple[int, int, int, int]:
@@ -331,67 +410,49 @@ def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, st
         scalars_tensor, scalar_arguments = job.scalars.tensor, (0.0,) * 9
     else:
         values = job.scalars.values
-        scalar_arguments = tuple(values[:9]) + (0.0,) * (9 - min(9, len(values)))
+        scalar_arguments = values[:9] if len(values) >= 9 else tuple(values) + (0.0,) * (9 - len(values))
         scalars_tensor = None
         if directions > 1:
             scalars_tensor = _upload(values, torch.float32, device,
                                      "upload the coefficients of several directions (pass 0-dim device tensors)")
     grad_classes = _grad_classes(prepared, group, grads) if job.has_grad else None
-    structure = dict(
-        BLOCK=prepared.block,
-        WIDTH=prepared.width,
-        PARAM_STORAGE=_STORAGE_CODES[group.param_dtype],
-        GRAD_STORAGE=_STORAGE_CODES[group.grad_dtype] if job.has_grad else K.STORAGE_FP32,
-        STATE_STORAGE=_STORAGE_CODES[group.state_dtype] if group.state_dtype is not None else K.STORAGE_FP32,
-        HAS_SHIFT=job.has_shift,
-        DIRECTIONS=min(directions, 2),
-        HAS_GRAD=job.has_grad,
-        HAS_DECAY=group.has_decay,
-        STATE=job.state,
-        NOISE=_NOISE_CODES[job.noise],
-        ROUNDING=_ROUNDING_CODES[job.rounding],
-        SPARSE=job.sparsity_threshold > 0,
-        SEEDS_ON_DEVICE=job.seeds.on_device,
-        SCALARS_ON_DEVICE=job.scalars.on_device,
-        FAST=device.type == "cuda" and torch.version.hip is None,
-    )
-    warps = num_warps(structure)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    launches = _launches(prepared, group, job, grad_classes.accesses if grad_classes is not None else None)
+    guard = torch.cuda.device(device) if device.type == "cuda" and device.index != torch.cuda.current_device() \
+        else contextlib.nullcontext()
     with guard:
-        for number, launch_class in enumerate(prepared.classes):
-            first = launch_class.members[0]
-            param_base = _pointer(launch_class.param_base, params[first], group.param_dtype, launch_class.access)
-            state_pointers = [_pointer(base, buffers[first], group.state_dtype, launch_class.access)
-                              for base, buffers in zip(launch_class.state_bases, states)]
+        for number, launch in enumerate(launches):
+            launch_class = launch.launch_class
+            if launch.grid[0] == 0:
+                continue
+            if K.INTERPRETED:
+                # The interpreter reads tensors, not addresses: the class's first tensors, viewed.
+                first = launch_class.members[0]
+                param_base = _view(params[first], launch.param_pointer.dtype)
+                state_pointers = [_view(buffers[first], pointer.dtype)
+                                  for pointer, buffers in zip(launch.state_pointers, states)]
+            else:
+                param_base, state_pointers = launch.param_pointer, list(launch.state_pointers)
             state_pointers += [param_base] * (2 - len(state_pointers))
             if grad_classes is not None:
-                grad_table, grad_access, grad_address, grad_first = grad_classes[number]
-                grad_base = _pointer(grad_address, grads[grad_first], group.grad_dtype, grad_access)
+                grad_table = grad_classes.tables[number]
+                access = grad_classes.accesses[number]
+                if K.INTERPRETED:
+                    grad_base = _view(grads[grad_classes.firsts[number]], _pointer_dtype(group.grad_dtype, access))
+                else:
+                    grad_base = _Pointer(grad_classes.bases[number], _pointer_dtype(group.grad_dtype, access))
             else:
-                grad_table, grad_access, grad_base = launch_class.table, K.ACCESS_VECTOR, param_base
-            variant = (launch_class.access, grad_access)
-            if K.INTERPRETED:
-                programs = min(launch_class.num_full_tiles, INTERPRETER_PROGRAMS)
-            else:
-                per_sm = _programs_per_sm.get((device.index, variant, tuple(structure.values())),
-                                              DEFAULT_PROGRAMS_PER_SM)
-                programs = min(launch_class.num_full_tiles, _multiprocessors(device) * per_sm)
-            # Contiguous runs of equal length: the longest run sets the time either way.
-            tiles_per_program = -(-launch_class.num_full_tiles // programs) if programs else 0
-            programs = -(-launch_class.num_full_tiles // tiles_per_program) if programs else 0
-            grid = launch_class.num_edges + programs
-            if grid == 0:
-                continue
-            compiled = K.fused_pass_kernel[(grid,)](
+                grad_table, grad_base = launch_class.table, param_base
+            compiled = K.fused_pass_kernel[launch.grid](
                 launch_class.table, grad_table, param_base, grad_base, state_pointers[0], state_pointers[1],
                 seeds_tensor if seeds_tensor is not None else launch_class.table,
                 scalars_tensor if scalars_tensor is not None else launch_class.table,
-                launch_class.num_full_rows, launch_class.search_steps, launch_class.num_full_tiles, tiles_per_program,
-                launch_class.num_edges, *seed_arguments, job.sparsity_threshold, directions, *scalar_arguments,
-                ACCESS=launch_class.access, GRAD_ACCESS=grad_access, num_warps=warps, num_stages=1,
-                **structure,
+                launch_class.num_full_rows, launch_class.search_steps, launch_class.num_full_tiles,
+                launch.tiles_per_program, launch_class.num_edges, *seed_arguments, job.sparsity_threshold, directions,
+                *scalar_arguments, num_warps=launch.warps, num_stages=1, **launch.constexprs,
             )
-            if not K.INTERPRETED:
-                key = (device.index, variant, tuple(structure.values()))
-                if key not in _programs_per_sm and getattr(compiled, "n_regs", None):
-                    _programs_per_sm[key] = resident_programs(compiled.n_regs, warps)
+            if not K.INTERPRETED and launch.occupancy_key not in _programs_per_sm:
+                n_regs = getattr(compiled, "n_regs", None)
+                if n_regs:
+                    # Later launches of this variant fill every SM exactly once.
+                    _programs_per_sm[launch.occupancy_key] = resident_programs(n_regs, launch.warps)
+                    launch.set_geometry(prepared)
