@@ -405,8 +405,6 @@ def variant_row(variant: Variant) -> dict:
         "spills": counts.spills,
         "access_bytes": counts.access_bytes,
         "estimated_cap": round(estimated_cap(variant.bytes_per_element(), instructions), 3),
-        "loop_instructions": counts.loop,
-        "elements_per_iteration": launch.BLOCK // (32 * warps),
     }
 
 

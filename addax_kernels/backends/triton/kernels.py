@@ -28,7 +28,6 @@ from .. import (
     SCALAR_ADAM_BC2_SQRT,
     SCALAR_ADAM_BETA2,
     SCALAR_ADAM_EPS,
-    SCALAR_ADAM_W1,
     SCALAR_ADAM_W2,
     SCALAR_FIRST_COEFF,
     SCALAR_GRAD_COEFF,
@@ -95,8 +94,8 @@ _K_ADAM = tl.constexpr(STATE_ADAM)
 _K_SHIFT = tl.constexpr(SCALAR_SHIFT)
 _K_LR = tl.constexpr(SCALAR_LR)
 _K_GRAD_COEFF = tl.constexpr(SCALAR_GRAD_COEFF)
+# Slot 3 holds the momentum β or Adam's 1 − β1 (SCALAR_MOMENTUM == SCALAR_ADAM_W1).
 _K_MOMENTUM_SLOT = tl.constexpr(SCALAR_MOMENTUM)
-_K_ADAM_W1 = tl.constexpr(SCALAR_ADAM_W1)
 _K_ADAM_BETA2 = tl.constexpr(SCALAR_ADAM_BETA2)
 _K_ADAM_W2 = tl.constexpr(SCALAR_ADAM_W2)
 _K_ADAM_BC2_SQRT = tl.constexpr(SCALAR_ADAM_BC2_SQRT)

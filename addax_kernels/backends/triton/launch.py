@@ -14,7 +14,7 @@ import contextlib
 import operator
 import struct
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -199,6 +199,11 @@ def _tiles(begin: int, numel: int, block: int):
 
 
 def prepare(group: TensorGroup, params, states) -> Prepared:
+    """Alignment classes of ``group`` and their tables, uploaded to the group's device.
+
+    ``params`` and each list of ``states`` are the op's whole lists (the group's tensors are at
+    ``group.indices``).  Raises only under CUDA graph capture (an upload cannot be captured).
+    """
     device = group.device
     block = block_for_mode()
     width = tile_width(group.param_dtype, group.grad_dtype, group.state_dtype)
@@ -229,20 +234,23 @@ def prepare(group: TensorGroup, params, states) -> Prepared:
                 index = group.indices[position]
                 offset, numel = group.offsets[position], group.numels[position]
                 member_offsets.append(offset)
-                common = [
-                    _delta(params[index].data_ptr(), param_base, offset, param_size, access),
-                    *(_delta(buffers[index].data_ptr(), base, offset, state_size, access)
-                      for buffers, base in zip(state_lists, state_bases)),
-                ]
-                common += [0] * (3 - len(common))
-                common += [group.tids[position], _float32_bits(group.weight_decay[position])]
+                row = [0] * K.TABLE_COLUMNS
+                row[K.COL_PARAM_DELTA] = _delta(params[index].data_ptr(), param_base, offset, param_size, access)
+                for column, buffers, base in zip((K.COL_STATE0_DELTA, K.COL_STATE1_DELTA), state_lists, state_bases):
+                    row[column] = _delta(buffers[index].data_ptr(), base, offset, state_size, access)
+                row[K.COL_TID] = group.tids[position]
+                row[K.COL_DECAY_BITS] = _float32_bits(group.weight_decay[position])
+                row[K.COL_LOW], row[K.COL_HIGH] = offset, offset + numel - 1
                 first_full, full, edges = _tiles(offset, numel, block)
                 if full:
-                    full_rows.append(common + [first_full - full_tiles, full_tiles, offset, offset + numel - 1])
+                    row[K.COL_TILE], row[K.COL_FIRST] = first_full - full_tiles, full_tiles
+                    full_rows.append(row)
                     full_members.append(member)
                     full_tiles += full
                 for tile in edges:
-                    edge_rows.append(common + [tile, 0, offset, offset + numel - 1])
+                    edge_row = list(row)
+                    edge_row[K.COL_TILE], edge_row[K.COL_FIRST] = tile, 0
+                    edge_rows.append(edge_row)
                     edge_members.append(member)
             sentinel = [0] * K.TABLE_COLUMNS
             sentinel[K.COL_FIRST] = full_tiles
