@@ -44,6 +44,8 @@ _MAX_THREADS_PER_SM = 2048
 _GRAD_CACHE_ENTRIES = 8
 
 _INT64_WRAP = 1 << 64
+# Position of tiles_per_program among the kernel's arguments.
+_TILES_PER_PROGRAM_ARGUMENT = 11
 
 
 class _Pointer:
@@ -330,7 +332,7 @@ class _Launch:
     """One class's launch for one job structure: constexprs, warps and grid."""
 
     __slots__ = ("launch_class", "constexprs", "warps", "grid", "tiles_per_program", "occupancy_key",
-                 "param_pointer", "state_pointers")
+                 "param_pointer", "state_pointers", "sized")
 
     def __init__(self, prepared: "Prepared", group: TensorGroup, launch_class: _Class, structure: dict,
                  grad_access: int):
@@ -342,6 +344,8 @@ class _Launch:
         self.param_pointer = _Pointer(launch_class.param_base, _pointer_dtype(group.param_dtype, launch_class.access))
         self.state_pointers = tuple(_Pointer(base, _pointer_dtype(group.state_dtype, launch_class.access))
                                     for base in launch_class.state_bases)
+        # A variant whose register count is known was compiled before: nothing left to size.
+        self.sized = K.INTERPRETED or self.occupancy_key in _programs_per_sm
         self.set_geometry(prepared)
 
     def set_geometry(self, prepared: "Prepared") -> None:
@@ -428,10 +432,9 @@ def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, st
     guard = torch.cuda.device(device) if device.type == "cuda" and device.index != torch.cuda.current_device() \
         else contextlib.nullcontext()
     with guard:
+        calls = []
         for number, launch in enumerate(launches):
             launch_class = launch.launch_class
-            if launch.grid[0] == 0:
-                continue
             if K.INTERPRETED:
                 # The interpreter reads tensors, not addresses: the class's first tensors, viewed.
                 first = launch_class.members[0]
@@ -450,17 +453,31 @@ def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, st
                     grad_base = _Pointer(grad_classes.bases[number], _pointer_dtype(group.grad_dtype, access))
             else:
                 grad_table, grad_base = launch_class.table, param_base
-            compiled = K.fused_pass_kernel[launch.grid](
+            calls.append((launch, [
                 launch_class.table, grad_table, param_base, grad_base, state_pointers[0], state_pointers[1],
                 seeds_tensor if seeds_tensor is not None else launch_class.table,
                 scalars_tensor if scalars_tensor is not None else launch_class.table,
                 launch_class.num_full_rows, launch_class.search_steps, launch_class.num_full_tiles,
-                launch.tiles_per_program, launch_class.num_edges, *seed_arguments, job.sparsity_threshold, directions,
-                *scalar_arguments, num_warps=launch.warps, num_stages=1, **launch.constexprs,
-            )
-            if not K.INTERPRETED and launch.occupancy_key not in _programs_per_sm:
-                n_regs = getattr(compiled, "n_regs", None)
-                if n_regs:
-                    # Later launches of this variant fill every SM exactly once.
-                    _programs_per_sm[launch.occupancy_key] = resident_programs(n_regs, launch.warps)
-                    launch.set_geometry(prepared)
+                launch.tiles_per_program, launch_class.num_edges, *seed_arguments, job.sparsity_threshold,
+                directions, *scalar_arguments,
+            ]))
+        for launch, arguments in calls:
+            if not launch.sized:
+                _size(prepared, launch, arguments)
+        for launch, arguments in calls:
+            if launch.grid[0]:
+                K.fused_pass_kernel[launch.grid](*arguments, num_warps=launch.warps, num_stages=1, **launch.constexprs)
+
+
+def _size(prepared: Prepared, launch: _Launch, arguments: list) -> None:
+    """Compile a new variant before anything of the call is launched (a compile error then
+    modifies nothing), and size its persistent grid from its register count."""
+    compiled = K.fused_pass_kernel.warmup(*arguments, grid=launch.grid, num_warps=launch.warps, num_stages=1,
+                                          **launch.constexprs)
+    compiled.run  # loads the binary (raising here, before any launch, if it cannot run) and sets n_regs
+    n_regs = getattr(compiled, "n_regs", None)
+    if n_regs:
+        _programs_per_sm[launch.occupancy_key] = resident_programs(n_regs, launch.warps)
+    launch.set_geometry(prepared)
+    launch.sized = True
+    arguments[_TILES_PER_PROGRAM_ARGUMENT] = launch.tiles_per_program
