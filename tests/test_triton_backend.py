@@ -319,6 +319,56 @@ def test_capture_errors_say_what_to_do(monkeypatch):
         launch._upload([1, 2], torch.int64, torch.device("cuda"), "upload the seeds of several directions")
 
 
+# ----------------------------------------------------------------------------- SASS counting
+
+# A hand-written kernel in nvdisasm's format: an edge path, a prologue, a search loop with one
+# table load, and an outer row loop around a straight-line tile loop that stores.
+_SYNTHETIC_SASS = """
+.text.k:
+        /*0000*/                   S2R R0, SR_CTAID.X ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x4, PT ;
+        /*0020*/               @P0 BRA `(.L_x_0) ;
+        /*0030*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0040*/                   STG.E.U16 desc[UR4][R4.64], R2 ;
+        /*0050*/                   EXIT ;
+.L_x_0:
+        /*0060*/                   MOV R1, RZ ;
+        /*0070*/                   MOV R3, RZ ;
+.L_x_1:
+        /*0080*/                   LDG.E.64 R6, desc[UR4][R4.64] ;
+        /*0090*/                   SEL R1, R1, R6, P1 ;
+        /*00a0*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00b0*/                   LDG.E.64 R8, desc[UR4][R4.64] ;
+        /*00c0*/                   IADD3 R3, R3, 0x1, RZ ;
+.L_x_3:
+        /*00d0*/                   LDG.E.128 R12, desc[UR4][R10.64] ;
+        /*00e0*/                   FFMA R12, R12, R2, R12 ;
+        /*00f0*/                   STG.E.128 desc[UR4][R10.64], R12 ;
+        /*0100*/               @P2 BRA `(.L_x_3) ;
+        /*0110*/               @P3 BRA `(.L_x_2) ;
+        /*0120*/                   EXIT ;
+.L_x_4:
+        /*0130*/                   BRA `(.L_x_4);
+"""
+
+
+def test_sass_counting_rules_on_a_known_kernel():
+    from addax_kernels.bench import sass_triton
+
+    counts = sass_triton.analyze(sass_triton.Sass(_SYNTHETIC_SASS), register_count=32)
+    assert counts.loop == 4  # the tile loop, from its head to its backward branch
+    assert counts.search_step == 3.0  # three instructions per table load
+    assert counts.visit == 3  # the row loop's body outside the tile loop (two instructions and its branch)
+    assert counts.prologue == 6  # entry test (3), setup (2), exit (1); the padding loop is unreachable
+    assert counts.edge == 3
+    assert counts.access_bytes == 16 and counts.spills == 0
+    # The H200 budget: 3.35e13 instructions/s for 4.3e12 B/s of copy bandwidth.
+    assert sass_triton.budget_per_element(4) == pytest.approx(31.16, abs=0.01)
+    assert sass_triton.estimated_cap(4, 2 * 31.16) == pytest.approx(0.5, abs=1e-3)
+    assert sass_triton.estimated_cap(8, 1.0) == 1.0
+
+
 # ----------------------------------------------------------------------------- compiled code, offline
 
 # Compiles three variants for sm_90 (and one for sm_80) with Triton's bundled ptxas, in a
