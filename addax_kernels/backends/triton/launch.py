@@ -11,6 +11,7 @@ No tensor is referenced after ``prepare`` returns: classes keep addresses and si
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import struct
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .. import FusedJob, TensorGroup
+from .. import STATE_NONE, FusedJob, TensorGroup
 from . import kernels as K
 
 _STORAGE_CODES = {torch.float32: K.STORAGE_FP32, torch.float16: K.STORAGE_FP16, torch.bfloat16: K.STORAGE_BF16}
@@ -36,16 +37,15 @@ HEAVY_NUM_WARPS = 16
 # several tiles, edges and programs.
 INTERPRETER_BLOCK = 512
 INTERPRETER_PROGRAMS = 3
-# Until a variant's register count is known (after its first launch), assume this many
-# resident programs per SM.
+# Resident programs per SM assumed when a compiled kernel does not report its register count.
 DEFAULT_PROGRAMS_PER_SM = 2
 _REGISTERS_PER_SM = 65536
 _MAX_THREADS_PER_SM = 2048
 _GRAD_CACHE_ENTRIES = 8
 
 _INT64_WRAP = 1 << 64
-# Position of tiles_per_program among the kernel's arguments.
-_TILES_PER_PROGRAM_ARGUMENT = 11
+# Position of tiles_per_program among the kernel's arguments (set once the grid is sized).
+_TILES_PER_PROGRAM_ARGUMENT = list(inspect.signature(K.fused_pass_kernel.fn).parameters).index("tiles_per_program")
 
 
 class _Pointer:
@@ -112,11 +112,12 @@ def num_warps(structure: dict) -> int:
     registers with 16 elements per thread, but optimizer state, several directions, a third
     Philox stream (sparse mask plus stochastic rounding), float32 parameters in 8-wide rows,
     and fp16 stochastic rounding at 113-218 registers (one or two resident programs per SM,
-    some spilling); with 8 elements per thread those take 39-120 registers without spills.
+    some spilling); with 8 elements per thread those take 39-120 registers without spills
+    (only everything at once, Adam with several sparse directions, still spills).
     """
     stochastic_16bit = structure["ROUNDING"] == K.ROUNDING_STOCHASTIC and structure["PARAM_STORAGE"] != K.STORAGE_FP32
     heavy = (
-        structure["STATE"] != 0
+        structure["STATE"] != STATE_NONE
         or structure["DIRECTIONS"] > 1
         or (structure["SPARSE"] and stochastic_16bit)
         or (structure["PARAM_STORAGE"] == K.STORAGE_FP32 and structure["WIDTH"] == 8)
