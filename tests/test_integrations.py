@@ -754,22 +754,63 @@ def test_peft_lora_trains_only_adapter_parameters(tmp_path):
 # ----------------------------------------------------------------------------- example
 
 
-def test_finetune_example_runs_end_to_end(tmp_path):
+def load_finetune_example():
     spec = importlib.util.spec_from_file_location("finetune_example", os.path.join(REPO_ROOT, "examples", "finetune.py"))
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_finetune_example_runs_every_method_for_every_seed(tmp_path):
+    example = load_finetune_example()
     out_dir = tmp_path / "out"
     example.main([
-        "--steps", "3", "--out-dir", str(out_dir), "--train-size", "64", "--eval-size", "32",
-        "--batch-size", "8", "--eval-points", "1", "--max-len", "24", "--min-len", "4",
+        "--steps", "4", "--seeds", "0", "1", "--out", str(out_dir), "--train-size", "64", "--eval-size", "32",
+        "--batch-size", "8", "--eval-points", "2", "--max-len", "24", "--min-len", "4", "--warmup", "0.5",
+        "--no-progress",
     ])
-    summary = json.loads((out_dir / "finetune_summary.json").read_text())
-    assert set(summary["methods"]) == {"mezo", "addax", "sgd"}
-    for method, result in summary["methods"].items():
-        assert math.isfinite(result["final_train_loss"]), method
-        assert 0.0 <= result["final_eval_accuracy"] <= 1.0
-        assert result["eval_curve"][-1]["step"] == 3
-    assert summary["methods"]["sgd"]["zo_fraction_of_sequences"] == 0.0
-    assert summary["methods"]["mezo"]["zo_fraction_of_sequences"] == 1.0
-    png = (out_dir / "finetune_loss.png").read_bytes()
-    assert png.startswith(b"\x89PNG")
+    result = json.loads((out_dir / "finetune_runs.json").read_text())
+    runs = result["runs"]
+    assert sorted((run["method"], run["seed"]) for run in runs) == sorted(
+        (method, seed) for method in ("mezo", "addax", "sgd") for seed in (0, 1))
+    peaks = {"mezo": 2e-3, "addax": 3e-2, "sgd": 2e-2}
+    for run in runs:
+        assert run["eval_steps"] == [0, 2, 4]
+        assert len(run["eval_accuracy"]) == len(run["eval_loss"]) == 3
+        assert all(0.0 <= accuracy <= 1.0 for accuracy in run["eval_accuracy"])
+        assert run["final_eval_accuracy"] == run["eval_accuracy"][-1]
+        assert run["best_eval_accuracy"] == max(run["eval_accuracy"])
+        assert len(run["train_loss"]) == 4 and all(math.isfinite(loss) for loss in run["train_loss"])
+        # 2 warm-up steps (1/2, 2/2 of the peak), then cosine decay over the remaining 2.
+        want = [peaks[run["method"]] * factor for factor in (0.5, 1.0, 1.0, 0.5)]
+        assert run["learning_rate"] == pytest.approx(want, rel=1e-12), run["method"]
+        zo_fraction = run["zo_fraction_of_sequences"]
+        assert zo_fraction == {"mezo": 1.0, "sgd": 0.0}.get(run["method"], zo_fraction)
+    for method, stats in result["summary"].items():
+        finals = [run["final_eval_accuracy"] for run in runs if run["method"] == method]
+        assert stats["final_eval_accuracy"] == {"mean": sum(finals) / 2, "min": min(finals), "max": max(finals)}
+    assert (out_dir / "finetune.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("schedule, want", [
+    ("cosine", [0.25, 0.5, 0.75, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 6)), 0.75, 0.5, 0.25,
+                0.5 * (1 + math.cos(5 * math.pi / 6))]),
+    ("linear", [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_finetune_example_learning_rate_schedule(schedule, want):
+    example = load_finetune_example()
+    args = example.parse_args(["--steps", "10", "--warmup", "0.4", "--schedule", schedule])
+    assert [example.lr_factor(step, args) for step in range(10)] == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_finetune_example_addax_ends_at_its_best(tmp_path):
+    """The defaults over five seeds: no Addax run ends more than 0.02 below the best
+    evaluation accuracy it reached (with a constant learning rate one seed fell from 0.998 to
+    0.756 late in the run)."""
+    example = load_finetune_example()
+    result = example.main(["--methods", "addax", "--seeds", "0", "1", "2", "3", "4", "--out", str(tmp_path),
+                           "--no-progress"])
+    for run in result["runs"]:
+        assert run["final_eval_accuracy"] >= run["best_eval_accuracy"] - 0.02, (run["seed"], run["eval_accuracy"])
