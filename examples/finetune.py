@@ -66,7 +66,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 # What each method's training loss is, for the plot's legend.
 LOSS_MEANING = {
     "mezo": "MeZO: loss at θ+εz, whole batch",
-    "addax": "Addax: mean of the ZO loss (long sequences, at θ+εz) and FO loss (short, at θ), by sequence count",
+    "addax": "Addax: ZO loss (long sequences, at θ+εz) and FO loss (short ones, at θ),\nmean weighted by sequence count",
     "sgd": "SGD: loss at θ, whole batch",
 }
 
@@ -357,7 +357,7 @@ def plot(runs: List[Dict], methods: List[str], path: str, args, title: str) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(17, 5.2))
+    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(17, 6))
     window = max(1, args.steps // 40)
     seeds = sorted({run["seed"] for run in runs})
     spread = "mean over seeds, band = min-max" if len(seeds) > 1 else f"seed {seeds[0]}"
@@ -372,23 +372,23 @@ def plot(runs: List[Dict], methods: List[str], path: str, args, title: str) -> N
         mean, low, high = _band([run["eval_accuracy"] for run in mine])
         accuracy_axis.plot(eval_steps, mean, color=color, marker="o", markersize=3, label=method)
         accuracy_axis.fill_between(eval_steps, low, high, color=color, alpha=0.2, linewidth=0)
-        lr_axis.plot(steps, mine[0]["learning_rate"], color=color,
+        lr_axis.plot(steps, mine[0]["learning_rate"], color=color, linestyle=("-", "--", ":")[index % 3],
                      label=f"{method}: peak {peak_lr(method, args):g}")
-    loss_axis.set_ylabel(f"training loss (moving mean of {window} steps)")
+    loss_axis.set_ylabel("training loss" + (f" (moving mean of {window} steps)" if window > 1 else ""))
     loss_axis.set_title(f"training loss ({spread})", fontsize=10)
-    loss_axis.legend(fontsize=7, loc="upper right")
     accuracy_axis.set_ylabel(f"evaluation accuracy ({args.eval_size} held-out sequences)")
     accuracy_axis.set_title(f"evaluation accuracy ({spread})", fontsize=10)
-    accuracy_axis.legend(fontsize=8, loc="lower right")
     lr_axis.set_yscale("log")
     lr_axis.set_ylabel("learning rate")
-    warmup = f"{args.warmup:.0%} linear warm-up, then " if args.warmup else ""
-    lr_axis.set_title(f"learning rate: {warmup}{args.schedule}", fontsize=10)
-    lr_axis.legend(fontsize=8, loc="lower center")
+    warmup_steps = int(args.warmup * args.steps)
+    warmup = f"linear warm-up over {warmup_steps} steps, then " if warmup_steps else ""
+    decay = "constant" if args.schedule == "constant" else f"{args.schedule} decay to 0"
+    lr_axis.set_title(f"learning rate: {warmup}{decay}", fontsize=10)
     for axis in (loss_axis, accuracy_axis, lr_axis):
         axis.set_xlabel("optimizer step")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -34,8 +34,8 @@ How it fits the Trainer (transformers 4.40 – 5.x):
   while the loss is computed, whatever the head.  A 16-bit loss has so few values near its
   magnitude that (l+ - l-) / 2eps takes only a handful of values; a loss that still comes
   back in 16 bits (a ``compute_loss`` that does its own arithmetic) gets a warning.
-* Defaults suit ZO fine-tuning: ``learning_rate`` is 1e-6 (full-parameter MeZO; the
-  Trainer's 5e-5 diverges there), the rest are the Trainer's.
+* Defaults suit ZO fine-tuning: ``learning_rate`` is 1e-6 (full-parameter MeZO uses
+  1e-7 – 1e-6; the Trainer's 5e-5 is far above that), the rest are the Trainer's.
 * Checkpoints: the optimizer's ``state_dict`` (which carries the seed stream) goes to
   ``optimizer.pt`` as usual, so ``resume_from_checkpoint`` continues with the same z's.
 * Logged per ``logging_steps``: ``loss`` (MeZO: loss at θ+εz; Addax: the mean of the ZO and
@@ -75,7 +75,7 @@ ZO_METHODS = ("mezo", "addax")
 # "auto": perturbations round to nearest, updates stochastically (SPEC §2).
 ROUNDING_CHOICES = ("auto",) + ROUNDING_MODES
 BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
-# Full-parameter MeZO learning rates are 1e-7 - 1e-6 (MeZO's paper); the Trainer's 5e-5 diverges.
+# Full-parameter MeZO learning rates are 1e-7 - 1e-6 (MeZO's paper), far below the Trainer's 5e-5.
 ZO_DEFAULT_LEARNING_RATE = 1e-6
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
