@@ -16,12 +16,14 @@ seed changes the data, the initialization, the batch order and the z stream.
   in-place SGD: each gradient is applied and freed as soon as backward produces it.
 
 Learning rates follow a schedule (default: linear warm-up over the first 10% of the steps,
-then cosine decay to 0).  With a constant rate, plain SGD steps on this small transformer
-occasionally blow up late in a run (Addax at lr 3e-2 reached accuracy 0.998 and then ended at
-0.756 on one seed); decaying the rate keeps the end of every run at its best.  The peak rates
-are each method's best of a small sweep on the default task with this schedule (see
-docs/integrations.md).  MeZO needs far more steps than the others: with 85k parameters the
-variance of a single-direction estimate is large, which is why it is used for memory, not speed.
+then cosine decay to 0).  With a constant rate, the SGD steps on this small transformer can
+blow up late in a run (Addax at a constant 3e-2 reached accuracy 0.998 on one seed and ended
+at 0.756); decaying the rate keeps the end of every run at its best.  Peak rates: Addax 3e-2,
+the best constant rate of a small sweep on the default task (lr 3e-2 or 1e-1, alpha 0.01 or
+0.05); MeZO 2e-3 and SGD 2e-2, twice their best constant rates of that sweep (MeZO 3e-4 to
+3e-3, SGD 3e-3 to 1e-1), since the schedule averages about half its peak.  MeZO needs far
+more steps than the others: with 85k parameters the variance of a single-direction estimate
+is large, which is why it is used for memory, not speed.
 
 Writes to ``--out``:
 
