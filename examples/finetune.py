@@ -34,7 +34,7 @@ Writes to ``--out``:
 * ``finetune.png``: training loss, evaluation accuracy and learning rate against the step, the
   mean over the seeds as a line and their range as a band.
 
-    python examples/finetune.py                                  # defaults: one seed, under 3 minutes on 2 CPU cores
+    python examples/finetune.py                                  # defaults: one seed, 2.5 CPU-minutes
     python examples/finetune.py --seeds 0 1 2 3 4 --out runs/    # the spread over 5 seeds
     python examples/finetune.py --steps 3 --out /tmp/ft          # smoke test
 

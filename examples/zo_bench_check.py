@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
+                        help="run only these settings (labels as printed, e.g. zo_sgd)")
     parser.add_argument("--out", default="zo_bench_check.json")
     return parser.parse_args(argv)
 
@@ -160,8 +162,12 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     arguments = zo_bench_arguments(transformers.TrainingArguments)
+    settings = [(label, overrides) for label, overrides in SETTINGS
+                if options.settings is None or label in options.settings]
+    if not settings:
+        raise SystemExit(f"--settings matches none of {[label for label, _ in SETTINGS]}")
     results = []
-    for label, overrides in SETTINGS:
+    for label, overrides in settings:
         for use_adapter in (False, True):
             for seed in options.seeds:
                 record = run_one(OurTrainer, arguments, overrides, use_adapter, seed, options)
@@ -172,7 +178,7 @@ def main(argv=None):
                     f"train loss {record['train_loss_first_10']:.3f} -> {record['train_loss_last_10']:.3f}")
                 print(f"{label:38s} {'adapter' if use_adapter else 'ZO-Bench':8s} seed {seed}: {outcome}", flush=True)
     print("\nsummary (mean over seeds of the held-out loss after training, or the adapter's error):")
-    for label, _ in SETTINGS:
+    for label, _ in settings:
         for use_adapter in (False, True):
             mine = [r for r in results if r["setting"] == label and r["adapter"] == use_adapter]
             errors = {r["error"] for r in mine if "error" in r}
