@@ -24,7 +24,7 @@ echo "sdist: $(basename "$SDIST") ($(tar tzf "$SDIST" | grep -c '^addax_kernels-
 "$PYTHON" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install -q "torch==${ADDAX_TORCH_VERSION:-2.13.0}"
-"$VPY" -m pip install -q numpy pybind11 setuptools wheel
+"$VPY" -m pip install -q numpy pybind11 "setuptools>=77" wheel
 # A failed native build must fail this install, not leave a pure-Python package behind.
 start=$SECONDS
 ADDAX_KERNELS_REQUIRE_NATIVE=1 "$VPY" -m pip install -q --no-build-isolation --no-deps "$SDIST"

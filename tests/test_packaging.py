@@ -38,7 +38,8 @@ def test_version_has_one_source():
 
 
 def test_license_file_matches_the_declared_license():
-    assert pyproject()["project"]["license"] == {"text": "Apache-2.0"}
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     with open(os.path.join(REPO_ROOT, "LICENSE")) as handle:
         text = handle.read()
     assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
