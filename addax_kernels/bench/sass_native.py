@@ -5,24 +5,27 @@ flags (``csrc/build_flags.py``) and ``-lineinfo`` (which annotates, and does not
 code), disassembles it with ``nvdisasm -g`` and counts, for each variant of
 :data:`addax_kernels.bench.sass.VARIANTS`, the instructions one thread issues per element.
 
-How an instruction is counted (docs/native.md, "Reading the SASS report"):
+How an instruction is counted (docs/native.md, "Instruction counts"):
 
 * **Steady state.**  The loops that carry the bulk of the work are marked in the source with
   ``// SASS-LOOP gaussian`` (one 16-byte unit per thread and iteration: 4 fp32 or 8 bf16/fp16
   elements) and ``// SASS-LOOP rademacher`` (one 4096-element tile per warp and iteration: 128
   elements per thread).  In the disassembly the loop is the backward branch whose line is the
   marked line; its body is every instruction from the branch target to the branch, NOPs
-  excluded.  A kernel with weight decay support holds two copies (with and without decay); the
-  rows have no decay and take the shorter copy.  The body is straight-line code except for one
+  excluded.  A kernel holds up to four copies (with and without weight decay; keys and
+  coefficients in the constant bank for host values or in registers for device values); the
+  rows (host values, no decay) take the shortest.  The body is straight-line code except for one
   rare path: a forward branch over calls to the exact stochastic-rounding functions, taken only
   for elements beyond the largest finite bf16, fp16-subnormal magnitudes, inf and NaN.  Those
   skipped instructions are not counted.
-* **Per chunk.**  A thread block walks chunks of kChunk elements (``// SASS-CHUNK`` loop).  The
-  instructions of that loop outside every inner loop are charged once per chunk (an upper
-  bound: they include the setup of paths a full chunk does not take), and every chunk is
-  charged to all of the block's threads.
-* **Per block.**  The instructions before the chunk loop run once per resident block; the
-  grid is H200_SMS times the blocks an SM keeps resident with the kernel's registers.
+* **Per chunk.**  A thread block walks chunks of kChunk elements (``// SASS-CHUNK`` loop).  A
+  full chunk runs the fewest instructions of any control-flow path from the chunk loop's head
+  into the steady-state loop and from its exit back to the next chunk (other inner loops not
+  entered); if ptxas peeled the loop's first iteration onto that path, one loop body is taken
+  off (it is steady-state work).  Every chunk is charged to all of the block's threads.
+* **Per block.**  The fewest instructions from the kernel's entry to the chunk loop run once
+  per resident block; the grid is H200_SMS times the blocks an SM keeps resident with the
+  kernel's registers.
 * **Ragged ends.**  Each tensor is charged the masked path (``// SASS-MASKED`` loop, 4 elements
   per thread and iteration) for half a granule of elements (the fast loops work on whole
   units of E elements, Rademacher on whole 4096-element tiles), at least one warp's issue.

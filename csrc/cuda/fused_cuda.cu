@@ -89,17 +89,35 @@ struct Coefficients {
   float grad_step;  // -lr * grad_coeff
 };
 
+// Products and sums rounded one by one, also on the device (no FMA contraction), so that
+// coefficients computed by the kernel from device scalars equal those run_group computes from
+// host values bit for bit.
+__host__ __device__ __forceinline__ float multiply_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ __forceinline__ float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 __host__ __device__ __forceinline__ Coefficients make_coefficients(float shift, float lr, float coeff, float grad_coeff,
                                                                    bool gaussian) {
   const float scale = gaussian ? kGaussianScale : 1.0f;
   Coefficients c;
   c.lr = lr;
-  c.shift = shift * scale;
-  c.coeff = coeff * scale;
-  c.step = -(lr * coeff) * scale;
-  c.shift_step = c.shift + c.step;
+  c.shift = multiply_rn(shift, scale);
+  c.coeff = multiply_rn(coeff, scale);
+  c.step = multiply_rn(-multiply_rn(lr, coeff), scale);
+  c.shift_step = add_rn(c.shift, c.step);
   c.grad_coeff = grad_coeff;
-  c.grad_step = -(lr * grad_coeff);
+  c.grad_step = -multiply_rn(lr, grad_coeff);
   return c;
 }
 
