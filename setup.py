@@ -289,6 +289,9 @@ def _build_host_extension(command: build_ext, ext) -> None:
     except Exception as error:  # compiler missing, headers of an unsupported torch, ...
         if _flag("ADDAX_KERNELS_REQUIRE_NATIVE"):
             raise
+        # Rebound, not mutated: the loop building the extensions goes on over the old list,
+        # while copying in place and listing outputs skip the extension that was not built.
+        command.extensions = [other for other in command.extensions if other is not ext]
         _log(f"{HOST_EXTENSION} was not built ({type(error).__name__}: {error}); the ops check their "
              "tensors in Python instead (about 10x the host time per call)")
 

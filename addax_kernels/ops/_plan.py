@@ -41,7 +41,7 @@ else:
 
 HOST_BUILD_HINT = ("build it with `pip install --no-build-isolation --no-deps .` from a source checkout "
                    "(or `python setup.py build_ext --inplace`; see docs/native.md)")
-CACHE_SIZE = 64
+CACHE_SIZE = 128
 
 
 def host_info() -> Dict[str, object]:
@@ -201,9 +201,10 @@ class Plan:
                  "numels", "tids", "offsets", "decays", "written_spans", "spans_bytes", "inference_error",
                  "param_dtypes", "state_dtypes", "groups", "prepared")
 
-    def matches(self, tids, offsets, weight_decay, decay_mask) -> bool:
-        return (_same_argument(tids, self.tids_in) and _same_argument(offsets, self.offsets_in)
-                and _same_argument(weight_decay, self.decay_in) and _same_argument(decay_mask, self.mask_in))
+    def matches(self, state_names, tids, offsets, weight_decay, decay_mask) -> bool:
+        return (state_names == self.state_names and _same_argument(tids, self.tids_in)
+                and _same_argument(offsets, self.offsets_in) and _same_argument(weight_decay, self.decay_in)
+                and _same_argument(decay_mask, self.mask_in))
 
     def groups_for(self, grad_key, grad_dtypes) -> List[TensorGroup]:
         """The launch groups for gradients of ``grad_dtypes`` (None: no gradients), cached by ``grad_key``."""
@@ -313,11 +314,11 @@ class _PlanCache:
         self.entries: "collections.OrderedDict[int, List[Plan]]" = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def find(self, key: int, raw: bytes, tids, offsets, weight_decay, decay_mask) -> Optional[Plan]:
+    def find(self, key: int, raw: bytes, state_names, tids, offsets, weight_decay, decay_mask) -> Optional[Plan]:
         plans = self.entries.get(key)
         if plans is not None:
             for plan in plans:
-                if plan.raw == raw and plan.matches(tids, offsets, weight_decay, decay_mask):
+                if plan.raw == raw and plan.matches(state_names, tids, offsets, weight_decay, decay_mask):
                     with self.lock:
                         if key in self.entries:
                             self.entries.move_to_end(key)
@@ -350,7 +351,7 @@ def plan_for(params: List[torch.Tensor], states: Sequence[List[torch.Tensor]], s
     if fingerprint is None:  # a tensor subclass, a meta tensor, ...: checked in Python every call
         return build_plan(params, states, state_names, tids, offsets, weight_decay, decay_mask, None)
     key, raw = fingerprint
-    plan = CACHE.find(key, raw, tids, offsets, weight_decay, decay_mask)
+    plan = CACHE.find(key, raw, tuple(state_names), tids, offsets, weight_decay, decay_mask)
     if plan is None:
         plan = build_plan(params, states, state_names, tids, offsets, weight_decay, decay_mask, raw)
         CACHE.add(key, plan)

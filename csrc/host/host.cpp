@@ -25,11 +25,30 @@ constexpr uint64_t kListMarker = 0xA5ull << 56;
 constexpr uint64_t kContiguous = 1;
 constexpr uint64_t kInference = 2;
 
-uint64_t mix(uint64_t h, uint64_t word) {
-  // One multiply-xorshift step per word; collisions only cost a byte comparison, never a
-  // wrong answer, since a cache hit also compares the raw records.
-  h ^= word + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-  h *= 0xBF58476D1CE4E5B9ull;
+// A hash of the fingerprint words: four independent multiply-rotate lanes (so the loop is
+// not one long dependency chain), then SplitMix64's finalizer.  A collision only costs a byte
+// comparison, never a wrong answer: a cache hit also compares the raw words.
+uint64_t hash_words(const uint64_t* words, size_t count) {
+  constexpr uint64_t kMultiplier = 0x9E3779B97F4A7C15ull;
+  uint64_t lanes[4] = {0x243F6A8885A308D3ull, 0x13198A2E03707344ull, 0xA4093822299F31D0ull, 0x082EFA98EC4E6C89ull};
+  size_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    for (int lane = 0; lane < 4; ++lane) {
+      const uint64_t h = lanes[lane] ^ words[i + lane];
+      lanes[lane] = ((h << 27) | (h >> 37)) * kMultiplier;
+    }
+  }
+  for (; i < count; ++i) {
+    const uint64_t h = lanes[0] ^ words[i];
+    lanes[0] = ((h << 27) | (h >> 37)) * kMultiplier;
+  }
+  uint64_t h = count;
+  for (const uint64_t lane : lanes) {
+    h = (h ^ lane) * kMultiplier;
+    h ^= h >> 29;
+  }
+  h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+  h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
   return h ^ (h >> 31);
 }
 
@@ -73,6 +92,14 @@ PyObject* fingerprint(PyObject*, PyObject* args) {
   try {
     std::vector<uint64_t> words;
     const Py_ssize_t num_lists = PyTuple_GET_SIZE(args);
+    size_t expected_words = static_cast<size_t>(num_lists);
+    for (Py_ssize_t l = 0; l < num_lists; ++l) {
+      PyObject* list = PyTuple_GET_ITEM(args, l);
+      if (PyList_Check(list) || PyTuple_Check(list)) {
+        expected_words += 5 * static_cast<size_t>(PySequence_Fast_GET_SIZE(list));  // most tensors: 1-2 dims
+      }
+    }
+    words.reserve(expected_words);
     for (Py_ssize_t l = 0; l < num_lists; ++l) {
       PyObject* list = PyTuple_GET_ITEM(args, l);
       if (!PyList_Check(list) && !PyTuple_Check(list)) {
@@ -80,7 +107,6 @@ PyObject* fingerprint(PyObject*, PyObject* args) {
       }
       const Py_ssize_t size = PySequence_Fast_GET_SIZE(list);
       PyObject** items = PySequence_Fast_ITEMS(list);
-      words.reserve(words.size() + 1 + 4 * static_cast<size_t>(size));
       words.push_back(kListMarker | static_cast<uint64_t>(size));
       for (Py_ssize_t i = 0; i < size; ++i) {
         const c10::TensorImpl* impl = plain_impl(items[i]);
@@ -100,10 +126,7 @@ PyObject* fingerprint(PyObject*, PyObject* args) {
         }
       }
     }
-    uint64_t hash = 0x2545F4914F6CDD1Dull;
-    for (const uint64_t word : words) {
-      hash = mix(hash, word);
-    }
+    const uint64_t hash = hash_words(words.data(), words.size());
     PyObject* raw = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
                                               static_cast<Py_ssize_t>(words.size() * sizeof(uint64_t)));
     if (raw == nullptr) {
