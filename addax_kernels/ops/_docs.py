@@ -28,7 +28,7 @@ STEP_SCALAR = """\
         therefore not checked for NaN."""
 
 LR = """\
-    lr: the learning rate, a step scalar (see ``scale``/below)."""
+    lr: the learning rate, a step scalar."""
 
 RESTORE = """\
     restore: None (default), or a step scalar r: θ' = θ + r·z(seeds[0]) is applied first in the
@@ -71,7 +71,10 @@ Raises:
         says why).
     Every check runs before anything is modified: a call that raises changed nothing.  After
     the pass the autograd version counter of every written tensor is bumped (as torch's own
-    in-place ops do), so a backward through a graph that saved one of them raises."""
+    in-place ops do), so a backward through a graph that saved one of them raises.  Under
+    ``torch.compile`` the call is recorded as the custom op ``addax_kernels::fused_update_``,
+    whose checks run, with the same errors, when the compiled graph runs; Python numbers that
+    change between calls (an lr schedule, the seeds) are graph inputs, not constants."""
 
 
 def compose(summary: str, *arguments: str, notes: str = "") -> str:
