@@ -138,7 +138,7 @@ def _implied_gradients(params, seeds, coeffs):
 
 
 def test_zo_momentum_update_is_torch_sgd_on_the_implied_gradient(generator, backend):
-    params = make_params(generator)
+    params = make_params(generator, SMALL_SHAPES)
     buffers = [torch.zeros_like(p) for p in params]
     torch_params = [torch.nn.Parameter(p.clone()) for p in params]
     sgd = torch.optim.SGD(torch_params, lr=0.05, momentum=0.9, weight_decay=0.01)
@@ -154,7 +154,7 @@ def test_zo_momentum_update_is_torch_sgd_on_the_implied_gradient(generator, back
 
 
 def test_zo_adam_update_is_torch_adam_on_the_implied_gradient(generator, backend):
-    params = make_params(generator)
+    params = make_params(generator, SMALL_SHAPES)
     exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     torch_params = [torch.nn.Parameter(p.clone()) for p in params]
     adam = torch.optim.Adam(torch_params, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02)
@@ -484,6 +484,10 @@ def rejected_calls(params, grads):
         [torch.zeros(3, device="meta"), torch.zeros(3, device="meta")], 1, 0.1, **good)
     yield "sparse tensor", ValueError, r"params\[4\].*strided", lambda: ak.perturb_(
         p + [torch.zeros(3).to_sparse()], 1, 0.1, **good)
+    freed = torch.zeros(6)
+    freed.untyped_storage().resize_(0)
+    yield "freed storage", ValueError, r"params\[4\].*storage holds fewer bytes", lambda: ak.perturb_(
+        p + [freed], 1, 0.1, **good)
     yield "overlap", ValueError, r"params\[4\] and params\[0\] overlap", lambda: ak.perturb_(
         p + [p[0].view(-1)[:5]], 1, 0.1, **good)
     yield "duplicate", ValueError, r"params\[0\] and params\[4\] overlap", lambda: ak.perturb_(p + [p[0]], 1, 0.1,
@@ -746,6 +750,7 @@ def test_ops_trace_under_torch_compile_and_equal_eager(generator, backend):
         ak.zo_momentum_update_(ps, st[0], seed, 0.5, 0.01, 0.9, backend=backend)
         ak.zo_adam_update_(ps, st[1], st[2], seed, zo_grad, 0.01, 2, betas=[0.8, 0.9], backend=backend)
 
+    torch._dynamo.reset()
     step(eager, eager_states, torch.tensor(0.5), 11)
     torch.compile(step, fullgraph=True)(compiled, compiled_states, torch.tensor(0.5), 11)
     assert all_equal(eager, compiled)
@@ -791,6 +796,7 @@ def test_aliasing_and_inference_are_rejected_under_compile_with_the_eager_errors
     def addax(x, y, gx, gy):
         ak.addax_update_([x, y], [gx, gy], 1, 0.5, 0.1, 0.5, backend=backend)
 
+    torch._dynamo.reset()  # the code objects above are compiled once per backend: start each test afresh
     snapshot = a.clone()
     with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] overlap in memory"):
         torch.compile(perturb_pair, fullgraph=True)(a, a)

@@ -106,6 +106,10 @@ def _check_storage(tensor: torch.Tensor, name: str, index: int, dtypes) -> None:
         raise ValueError(f"{describe(tensor, name, index)}: must be a dense (strided) tensor, got {tensor.layout}")
     if not tensor.is_contiguous():
         raise ValueError(f"{describe(tensor, name, index)}: must be contiguous (call .contiguous() and copy back)")
+    numel = tensor.numel()
+    if numel and tensor.untyped_storage().nbytes() < (tensor.storage_offset() + numel) * tensor.element_size():
+        raise ValueError(f"{describe(tensor, name, index)}: its storage holds fewer bytes than the tensor spans "
+                         "(freed or resized under it)")
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

@@ -74,6 +74,13 @@ const c10::TensorImpl* plain_impl(PyObject* object) {
       impl->layout() != c10::kStrided || !impl->has_storage()) {
     return nullptr;
   }
+  // A storage freed under the tensor (resized to 0 bytes) would be written through a dangling
+  // address: the Python check reports it.
+  const int64_t numel = impl->numel();
+  if (numel > 0 && impl->storage().nbytes() <
+                       static_cast<size_t>(impl->storage_offset() + numel) * impl->itemsize()) {
+    return nullptr;
+  }
   return impl;
 }
 
