@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from ..backends import Scalars, Seeds
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROUNDING_MODES = ("nearest", "stochastic")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Element indices are int64: the end of every tensor's range, offset + numel, must be one too.
+# Element indices are int64: the last index of a tensor, offset + numel - 1, is at most 2**63 - 1.
 INDEX_LIMIT = 2**63
 
 
@@ -215,9 +215,9 @@ def check_offset(value, name: str) -> int:
 def check_offsets(offsets, numels: Sequence[int]) -> Tuple[int, ...]:
     result = check_int_list(offsets, len(numels), "offsets", lambda i: 0, check_offset)
     for index, (offset, numel) in enumerate(zip(result, numels)):
-        if offset + numel >= INDEX_LIMIT:
-            raise ValueError(f"offsets[{index}] + numel of params[{index}] = {offset + numel} must be below 2**63: "
-                             "element indices and the end of each range are int64")
+        if offset + numel > INDEX_LIMIT:
+            raise ValueError(f"offsets[{index}] + numel of params[{index}] = {offset + numel} exceeds 2**63: "
+                             "element indices are int64")
     return result
 
 
@@ -254,7 +254,3 @@ def check_weight_decay(weight_decay, decay_mask, count: int) -> Tuple[float, ...
         decays = [value if flag else 0.0 for value, flag in zip(decays, mask)]
     return tuple(decays)
 
-
-def optional_sequence(values) -> Optional[tuple]:
-    """A per-tensor argument as the tuple a plan compares later calls against (None stays None)."""
-    return None if values is None else tuple(values)

@@ -10,7 +10,7 @@ in-place update as it does for torch's own in-place ops.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 
@@ -25,6 +25,10 @@ from ..backends import (
 from . import _checks, _plan
 from ._backend_choice import backend_module
 from ._checks import ROUNDING_MODES
+
+# What an op without optimizer state or weight decay passes for them.
+NO_STATE_SCALARS: Dict[int, float] = {}
+NO_DECAY = 0.0
 
 
 def as_tensor_list(tensors, name: str):
@@ -101,6 +105,3 @@ def run_update(params, grads, states, state_names: Sequence[str], state_kind: in
     )
     execute(plan, backend, job, params, grads, grad_key, grad_dtypes, states)
 
-
-NO_STATE_SCALARS: Dict[int, float] = {}
-NO_DECAY = 0.0

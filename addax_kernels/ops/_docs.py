@@ -46,7 +46,7 @@ COMMON = """\
         tensor must keep its id across calls to see the same z.
     offsets: per-tensor global flat index of element 0, one int >= 0 per tensor (a shard passes
         its global offset and gets exactly the z of the unsharded tensor); default 0.
-        offset + numel must stay below 2**63 (element indices are int64).
+        offset + numel must not exceed 2**63 (element indices are int64).
     noise: "gaussian" (default) or "rademacher": the distribution of z.
     rounding: "nearest" (default, round-half-to-even) or "stochastic": how float32 results are
         stored in float16/bfloat16 tensors, once per op (float32 tensors are stored exactly).
@@ -64,7 +64,7 @@ Raises:
         bfloat16, a non-contiguous, meta, sparse or wrongly shaped tensor, tensors on several
         devices, tensors overlapping in memory (or a read tensor overlapping a written one), a
         seed outside [0, 2**64), a NaN/inf/float32-overflowing scalar, a wrong count of tids,
-        offsets, weight decays or coefficients, an offset + numel reaching 2**63, an unknown
+        offsets, weight decays or coefficients, an offset + numel past 2**63, an unknown
         choice.
     RuntimeError: a written tensor is an inference tensor and the call is not inside
         ``torch.inference_mode()``; the named backend cannot run on this device (the message
