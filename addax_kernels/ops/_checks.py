@@ -191,9 +191,9 @@ def directions(seeds, coeffs, device) -> Tuple[list, list]:
 # ----------------------------------------------------------------------------- per-tensor lists
 
 
-def check_int_list(values, count: int, name: str, default, check) -> Tuple[int, ...]:
+def check_int_list(values, count: int, name: str, default: Tuple[int, ...], check) -> Tuple[int, ...]:
     if values is None:
-        return tuple(default(i) for i in range(count))
+        return default
     if is_integer(values):
         values = [values]
     if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__iter__"):
@@ -213,7 +213,7 @@ def check_offset(value, name: str) -> int:
 
 
 def check_offsets(offsets, numels: Sequence[int]) -> Tuple[int, ...]:
-    result = check_int_list(offsets, len(numels), "offsets", lambda i: 0, check_offset)
+    result = check_int_list(offsets, len(numels), "offsets", (0,) * len(numels), check_offset)
     for index, (offset, numel) in enumerate(zip(result, numels)):
         if offset + numel > INDEX_LIMIT:
             raise ValueError(f"offsets[{index}] + numel of params[{index}] = {offset + numel} exceeds 2**63: "
@@ -222,7 +222,7 @@ def check_offsets(offsets, numels: Sequence[int]) -> Tuple[int, ...]:
 
 
 def check_tids(tids, count: int) -> Tuple[int, ...]:
-    return check_int_list(tids, count, "tids", lambda i: i, _rng.check_tid)
+    return check_int_list(tids, count, "tids", tuple(range(count)), _rng.check_tid)
 
 
 def check_weight_decay(weight_decay, decay_mask, count: int) -> Tuple[float, ...]:

@@ -179,7 +179,7 @@ def record(op_name: str, params, grads, states: Sequence, numbers_in: Sequence[t
     count = len(params)
     tids = None if tids is None else list(_checks.check_tids(tids, count))
     offsets = None if offsets is None else list(
-        _checks.check_int_list(offsets, count, "offsets", lambda i: 0, _checks.check_offset))
+        _checks.check_int_list(offsets, count, "offsets", (0,) * count, _checks.check_offset))
     decays = list(_checks.check_weight_decay(weight_decay, decay_mask, count))
     _checks.check_choice(noise, "noise", _rng.NOISE_KINDS)
     _checks.check_choice(rounding, "rounding", _checks.ROUNDING_MODES)

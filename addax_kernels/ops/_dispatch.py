@@ -59,7 +59,7 @@ def execute(plan: _plan.Plan, backend, job: FusedJob, params, grads, grad_key, g
     with torch.no_grad():
         for group, group_prepared in zip(groups, prepared):
             module.run(group_prepared, group, job, params, grads, states)
-    _plan.bump_versions(params, states)
+    _plan.bump_versions(plan, params, states)
 
 
 def run_update(params, grads, states, state_names: Sequence[str], state_kind: int, directions, lr, restore,

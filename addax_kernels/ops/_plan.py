@@ -100,20 +100,20 @@ def _dtype_names(dtypes) -> str:
 def _check_storage(tensor: torch.Tensor, name: str, index: int, dtypes) -> None:
     if tensor.dtype not in dtypes:
         raise TypeError(f"{describe(tensor, name, index)}: dtype must be one of {_dtype_names(dtypes)}")
-    if tensor.device.type == "meta" or _is_fake(tensor):
+    if tensor.is_meta or type(tensor).__name__ == "FakeTensor":
         raise ValueError(f"{describe(tensor, name, index)}: a meta (or fake) tensor has no data to update or read")
     if tensor.layout != torch.strided:
         raise ValueError(f"{describe(tensor, name, index)}: must be a dense (strided) tensor, got {tensor.layout}")
     if not tensor.is_contiguous():
         raise ValueError(f"{describe(tensor, name, index)}: must be contiguous (call .contiguous() and copy back)")
-    numel = tensor.numel()
-    if numel and tensor.untyped_storage().nbytes() < (tensor.storage_offset() + numel) * tensor.element_size():
-        raise ValueError(f"{describe(tensor, name, index)}: its storage holds fewer bytes than the tensor spans "
-                         "(freed or resized under it)")
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "FakeTensor"
+    spanned = tensor.nbytes
+    if spanned:
+        first = tensor.storage_offset()
+        if first:
+            spanned += first * tensor.element_size()
+        if tensor.untyped_storage().nbytes() < spanned:
+            raise ValueError(f"{describe(tensor, name, index)}: its storage holds fewer bytes than the tensor spans "
+                             "(freed or resized under it)")
 
 
 def check_params(params: List[torch.Tensor]) -> torch.device:
@@ -379,12 +379,13 @@ def grads_for(plan: Plan, grads, params: List[torch.Tensor]):
     return grads, dtypes, lambda: dtypes
 
 
-def bump_versions(params, states) -> None:
+def bump_versions(plan: Plan, params, states) -> None:
     """Tell autograd the written tensors changed in place (inference tensors have no counter)."""
     if _host is not None and type(params) in (list, tuple):
         _host.bump_versions(params, *states)
         return
-    tensors = [tensor for tensor in params if not tensor.is_inference()]
-    tensors += [tensor for buffers in states for tensor in buffers if not tensor.is_inference()]
+    tensors = list(params) + [tensor for buffers in states for tensor in buffers]
+    if plan.inference_error is not None:
+        tensors = [tensor for tensor in tensors if not tensor.is_inference()]
     if tensors:
         torch.autograd.graph.increment_version(tensors)
