@@ -561,6 +561,7 @@ def rejected_calls(params, grads):
                                                                                          **good)
     yield "backend name", ValueError, r"^backend must be one of", lambda: ak.perturb_(p, 1, 0.1, backend="cuda")
     yield "backend type", TypeError, r"^backend must be a string", lambda: ak.perturb_(p, 1, 0.1, backend=None)
+    yield "grads None", TypeError, r"^grads must be a Tensor", lambda: ak.addax_update_(p, None, 1, 0.1, 0.1, 0.5, **good)
     yield "grads count", ValueError, r"^grads has 3 tensors for 4 params", lambda: ak.addax_update_(
         p, grads[:-1], 1, 0.1, 0.1, 0.5, **good)
     yield "grads shape", ValueError, r"^grads\[3\].*shape differs", lambda: ak.addax_update_(

@@ -35,6 +35,8 @@ def addax_update_(
                           ("alpha", alpha, "real", False), ("rounding_seed", rounding_seed, "seed", False)),
                          tids, offsets, weight_decay, decay_mask, noise, rounding, sparsity, backend)
         return
+    if grads is None:  # None means "no gradient term" inside run_update
+        raise TypeError("grads must be a Tensor or a sequence of Tensors, got NoneType")
     alpha_checked = _checks.check_unit_interval(alpha, "alpha")
     grad_coeff = _checks.finite_float32(1.0 - alpha_checked, "1 - alpha")
 
