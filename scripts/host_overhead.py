@@ -10,9 +10,11 @@ Usage (from a source checkout)::
     python scripts/host_overhead.py                      # every available backend, cpu
     python scripts/host_overhead.py --backends native --ops perturb_ zo_update_ --calls 2000
 
-For each backend the table shows the whole call and, with ``--stub``, the call with the
-backend's ``run`` replaced by a no-op (the ops layer alone).  :func:`measure_op_host_us` is
-importable (the benchmark reports its figures).
+For each backend the table shows the whole call and the call with the backend's ``run``
+replaced by a no-op ("run stubbed": the ops layer alone; ``--no-stub`` leaves it out).  The
+reference backend gets the stubbed row only: its own work is per-tensor PyTorch code, about a
+second per call on 400 tensors.  :func:`measure_op_host_us` is importable (the benchmark
+reports its figures).
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ def measure_op_host_us(op_name: str, backend: str = "native", *, count: int = DE
                 times.append(time.perf_counter_ns() - start)
     finally:
         torch.set_num_threads(threads)
-    if device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()  # let the queued kernels finish before the next measurement
     return statistics.median(times) / 1000.0
 
 
