@@ -40,8 +40,9 @@ except ImportError as _error:  # not built: ADDAX_KERNELS_NO_NATIVE=1, a failed 
 else:
     _HOST_IMPORT_ERROR = None
 
-HOST_BUILD_HINT = ("build it with `pip install --no-build-isolation --no-deps .` from a source checkout "
-                   "(or `python setup.py build_ext --inplace`; see docs/native.md)")
+HOST_BUILD_HINT = ("to build it, reinstall from the source checkout or sdist with a C++ compiler present and torch "
+                   "importable at build time: `ADDAX_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation "
+                   "--no-deps --force-reinstall <checkout or sdist>` (docs/native.md)")
 CACHE_SIZE = 128
 
 
