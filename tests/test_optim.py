@@ -24,7 +24,17 @@ import torch
 import addax_kernels as ak
 from addax_kernels import rng
 from addax_kernels.data import split_by_length
-from addax_kernels.optim import Addax, MeZO, no_decay_param_groups
+from addax_kernels.optim import (
+    DEFAULT_ROUNDING,
+    ROUNDING_CHOICES,
+    Addax,
+    MeZO,
+    NonFiniteLossError,
+    ZOAdam,
+    no_decay_param_groups,
+    pass_roundings,
+)
+from addax_kernels.optim.seeds import ROUNDING_STREAM, derive_seed
 from conftest import requires_cuda
 
 transformers = pytest.importorskip("transformers")
@@ -107,8 +117,8 @@ def assert_params_equal(model_a, model_b):
 # ----------------------------------------------------------------------------- the reference (SPEC §3)
 
 
-def materialized_z(params, seed):
-    return [ak.noise(p.shape, seed, tid=tid) for tid, p in enumerate(params)]
+def materialized_z(params, seed, sparsity=0.0):
+    return [ak.noise(p.shape, seed, tid=tid, sparsity=sparsity) for tid, p in enumerate(params)]
 
 
 def store(param, x, rounding, seed, tid):
@@ -120,9 +130,25 @@ def store(param, x, rounding, seed, tid):
         param.copy_(rng.round_to_dtype(x, param.dtype, "nearest"))
 
 
-def shift(params, zs, eps, multiple):
+class Passes:
+    """The passes of one optimizer step, in order: pass p rounds as the policy says for its
+    kind, with the words of rounding seed derive_seed(base, step, 2**32 + p) (docs/optimizers.md)."""
+
+    def __init__(self, optimizer, step):
+        self.base_seed, self.step = optimizer.base_seed, step
+        self.roundings = pass_roundings(optimizer.rounding)
+        self.index = 0
+
+    def next(self, kind):
+        seed = derive_seed(self.base_seed, self.step, ROUNDING_STREAM + self.index)
+        self.index += 1
+        return getattr(self.roundings, kind), seed
+
+
+def shift(params, zs, eps, multiple, passes):
+    rounding, seed = passes.next("perturb")
     for tid, (p, z) in enumerate(zip(params, zs)):
-        store(p, p.float() + (multiple * eps[tid]) * z, "nearest", 0, tid)
+        store(p, p.float() + (multiple * eps[tid]) * z, rounding, seed, tid)
 
 
 class Settings:
@@ -139,46 +165,55 @@ class Settings:
 
 
 @torch.no_grad()
-def reference_mezo_step(params, closure, seeds, s: Settings, rounding="stochastic"):
-    """n-SPSA MeZO: per direction perturb +ε, −2ε, restore; the last restore is fused into the
-    update (θ' = θ + ε·z; θ ← θ' − lr·(Σ_k g_k/K·z_k + wd·θ'), one rounding)."""
+def reference_mezo_step(params, closure, seeds, s: Settings, passes: Passes):
+    """n-SPSA MeZO: per direction +ε (for k > 0 fused with the restore of direction k−1: one
+    rounding of θ + ε·z_{k−1} + ε·z_k), −2ε; then θ' = θ + ε·z_{K−1} and
+    θ ← θ' − lr·(Σ_k g_k/K·z_k + wd·θ') in one rounding."""
     zs = [materialized_z(params, seed) for seed in seeds]
     differences = []
     for k, z in enumerate(zs):
-        shift(params, z, s.eps, 1.0)
+        if k == 0:
+            shift(params, z, s.eps, 1.0, passes)
+        else:
+            rounding, seed = passes.next("perturb")
+            for tid, p in enumerate(params):
+                x = (p.float() + s.eps[tid] * zs[k - 1][tid]) + s.eps[tid] * z[tid]
+                store(p, x, rounding, seed, tid)
         loss_plus = closure().float()
-        shift(params, z, s.eps, -2.0)
+        shift(params, z, s.eps, -2.0, passes)
         loss_minus = closure().float()
-        if k < len(zs) - 1:
-            shift(params, z, s.eps, 1.0)
         differences.append(loss_plus - loss_minus)
+    rounding, seed = passes.next("update")
     for tid, p in enumerate(params):
         x = p.float() + s.eps[tid] * zs[-1][tid]
         direction = sum((differences[k] / (2 * s.eps[tid])) / len(zs) * zs[k][tid] for k in range(len(zs)))
-        store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, seeds[-1], tid)
+        store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, seed, tid)
     return [(d / (2 * s.eps[0])) for d in differences]
 
 
-def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, rounding="stochastic"):
+def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, passes: Passes):
     """θ ← θ − lr·(α·g0·z + (1−α)·∇θ + wd·θ), gradient of B1 at the restored θ."""
     z = materialized_z(params, seed)
     g0 = None
     with torch.no_grad():
         if zo_closure is not None:
-            shift(params, z, s.eps, 1.0)
+            shift(params, z, s.eps, 1.0, passes)
             loss_plus = zo_closure().float()
-            shift(params, z, s.eps, -2.0)
+            shift(params, z, s.eps, -2.0, passes)
             loss_minus = zo_closure().float()
             if fo_closure is None:  # restore fused into the update: one rounding
+                rounding, rounding_seed = passes.next("update")
                 for tid, p in enumerate(params):
                     x = p.float() + s.eps[tid] * z[tid]
                     g = (loss_plus - loss_minus) / (2 * s.eps[tid])
-                    store(p, x - s.lr[tid] * ((s.alpha[tid] * g) * z[tid] + s.wd[tid] * x), rounding, seed, tid)
+                    store(p, x - s.lr[tid] * ((s.alpha[tid] * g) * z[tid] + s.wd[tid] * x), rounding, rounding_seed,
+                          tid)
                 return
-            shift(params, z, s.eps, 1.0)
+            shift(params, z, s.eps, 1.0, passes)
             g0 = loss_plus - loss_minus
     with torch.enable_grad():
         grads = torch.autograd.grad(fo_closure(), params, allow_unused=True)
+    rounding, rounding_seed = passes.next("update")
     with torch.no_grad():
         for tid, (p, grad) in enumerate(zip(params, grads)):
             if grad is None and g0 is None:
@@ -189,7 +224,7 @@ def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, roun
                 direction = direction + (s.alpha[tid] * (g0 / (2 * s.eps[tid]))) * z[tid]
             if grad is not None:
                 direction = direction + (1 - s.alpha[tid]) * grad.float()
-            store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, seed, tid)
+            store(p, x - s.lr[tid] * (direction + s.wd[tid] * x), rounding, rounding_seed, tid)
 
 
 def model_cases(kinds):
@@ -219,7 +254,8 @@ def test_mezo_trajectory_matches_reference(backend, kind, size):
     for step in range(20):
         batch = make_batch(generator)
         loss = optimizer.step(loss_fn(model, batch))
-        expected = reference_mezo_step(params, loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+        expected = reference_mezo_step(params, loss_fn(twin, batch), [optimizer.step_seed(step)], settings,
+                                       Passes(optimizer, step))
         if backend == "reference":
             assert torch.equal(optimizer.projected_grads, torch.stack(expected))
         assert loss.dim() == 0 and optimizer.zo_loss is loss
@@ -240,7 +276,7 @@ def test_addax_trajectory_matches_reference(backend, kind, size):
         long_batch, short_batch = make_batch(generator, 2, 16), make_batch(generator, 3, 6)
         loss = optimizer.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
         reference_addax_step(params, loss_fn(twin, long_batch), loss_fn(twin, short_batch),
-                             optimizer.step_seed(step), settings)
+                             optimizer.step_seed(step), settings, Passes(optimizer, step))
         assert loss is optimizer.fo_loss and optimizer.zo_loss is not None
         assert optimizer.projected_grads.shape == (1,)
         assert all(p.grad is None for p in model.parameters())
@@ -259,7 +295,8 @@ def test_n_spsa_matches_reference_and_uses_distinct_directions():
         seeds = optimizer.direction_seeds(step)
         assert len(set(seeds)) == 3 and seeds[0] == optimizer.step_seed(step)
         optimizer.step(loss_fn(model, batch))
-        expected = reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), seeds, settings)
+        expected = reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), seeds, settings,
+                                       Passes(optimizer, step))
         assert optimizer.projected_grads.shape == (3,)
         torch.testing.assert_close(optimizer.projected_grads, torch.stack(expected), rtol=0.05, atol=1e-2)
     # The reference sums Σ_k g_k/K·z_k in another order than the fused pass: float32 ulps
@@ -285,7 +322,8 @@ def test_param_groups_with_their_own_lr_eps_and_weight_decay():
     for step in range(10):
         batch = make_batch(generator)
         optimizer.step(loss_fn(model, batch))
-        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings,
+                            Passes(optimizer, step))
     # g·ε_ref/ε_group against a direct (ℓ+ − ℓ−)/(2ε_group): an ulp apart, then chaotic drift.
     assert_same_trajectory(model, twin, start, exact=False)
 
@@ -302,7 +340,8 @@ def test_lr_scheduler_drives_the_step_size():
         batch = make_batch(generator)
         optimizer.step(loss_fn(model, batch))
         scheduler.step()
-        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings)
+        reference_mezo_step(list(twin.parameters()), loss_fn(twin, batch), [optimizer.step_seed(step)], settings,
+                            Passes(optimizer, step))
     assert_same_trajectory(model, twin, start, exact=True)
 
 
@@ -313,17 +352,19 @@ def bf16_ulp(x):
 
 
 BF16_CASES = [
-    pytest.param(backend, optimizer_class, id=f"{backend}-{optimizer_class.__name__}")
+    pytest.param(backend, optimizer_class, rounding, id=f"{backend}-{optimizer_class.__name__}-{rounding}")
     for backend in BACKENDS
     for optimizer_class in (MeZO, Addax)
-    if backend != "triton" or optimizer_class is MeZO
+    for rounding in ROUNDING_CHOICES
+    if backend != "triton" or (optimizer_class is MeZO and rounding == DEFAULT_ROUNDING)
 ]
 
 
-@pytest.mark.parametrize("backend, optimizer_class", BF16_CASES)
-def test_bf16_updates_round_stochastically_and_perturbations_to_nearest(backend, optimizer_class):
-    """rounding="auto" on bf16: the reference rounds perturbations to nearest and the fused
-    update stochastically with the purpose-1 words of the step seed.
+@pytest.mark.parametrize("backend, optimizer_class, rounding", BF16_CASES)
+def test_bf16_passes_round_by_policy_with_their_own_rounding_seeds(backend, optimizer_class, rounding):
+    """bf16 parameters: each pass of a step rounds as the policy says for its kind (perturbation
+    or update), with stochastic words keyed by its own rounding seed (Passes above); MeZO with
+    K = 2 covers the fused restore-and-perturb pass.
 
     The reference backend must agree bit for bit.  A fast backend's FMA shifts a float32
     value by an ulp now and then, which can flip a nearest rounding of a perturbation pass and,
@@ -334,18 +375,21 @@ def test_bf16_updates_round_stochastically_and_perturbations_to_nearest(backend,
     size = dict(hidden=8, layers=1) if backend == "triton" else {}
     model = tiny_model("llama", dtype=torch.bfloat16, **size)
     twin = copy.deepcopy(model)
-    optimizer = optimizer_class(model.parameters(), lr=1e-2, eps=1e-2, weight_decay=0.1, seed=13, backend=backend)
+    extra = dict(num_directions=2) if optimizer_class is MeZO else {}
+    optimizer = optimizer_class(model.parameters(), lr=1e-2, eps=1e-2, weight_decay=0.1, seed=13, backend=backend,
+                                rounding=rounding, **extra)
     settings = Settings(optimizer.param_groups)
     params = list(twin.parameters())
     for step in range(3):
         long_batch, short_batch = make_batch(generator, 2, 12), make_batch(generator, 2, 6)
-        seed = optimizer.step_seed(step)
         if optimizer_class is MeZO:
             optimizer.step(loss_fn(model, long_batch))
-            reference_mezo_step(params, loss_fn(twin, long_batch), [seed], settings)
+            reference_mezo_step(params, loss_fn(twin, long_batch), optimizer.direction_seeds(step), settings,
+                                Passes(optimizer, step))
         else:
             optimizer.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
-            reference_addax_step(params, loss_fn(twin, long_batch), loss_fn(twin, short_batch), seed, settings)
+            reference_addax_step(params, loss_fn(twin, long_batch), loss_fn(twin, short_batch),
+                                 optimizer.step_seed(step), settings, Passes(optimizer, step))
         for (name, a), b in zip(model.named_parameters(), params):
             assert a.dtype == torch.bfloat16
             if backend == "reference":
@@ -354,6 +398,27 @@ def test_bf16_updates_round_stochastically_and_perturbations_to_nearest(backend,
                 assert bool(((a.float() - b.float()).abs() <= 2 * bf16_ulp(b)).all()), name
                 with torch.no_grad():
                     b.copy_(a)
+
+
+def test_rounding_seeds_follow_the_documented_derivation():
+    """derive_seed is SplitMix64's chain mix(mix(mix(base) ^ step) ^ stream), restated here
+    from its published constants, for directions (stream k) and passes (2**32 + p)."""
+    mask = 2**64 - 1
+
+    def mix(value):
+        value = (value + 0x9E3779B97F4A7C15) & mask
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
+        return value ^ (value >> 31)
+
+    optimizer = MeZO([torch.zeros(3)], seed=2**64 - 5, num_directions=3)
+    for step in (0, 1, 7, 2**40):
+        for stream in (0, 1, 2, 2**32, 2**32 + 5):
+            assert derive_seed(optimizer.base_seed, step, stream) == mix(mix(mix(2**64 - 5) ^ step) ^ stream)
+        assert optimizer.direction_seeds(step) == tuple(derive_seed(2**64 - 5, step, k) for k in range(3))
+    passes = {derive_seed(1, 0, ROUNDING_STREAM + p) for p in range(8)} | set(MeZO([torch.zeros(1)], seed=1,
+                                                                                  num_directions=8).direction_seeds(0))
+    assert len(passes) == 16
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -417,7 +482,8 @@ def test_addax_missing_batch_contributes_a_zero_estimate(missing):
         zo = (loss_fn(model, long_batch), loss_fn(twin, long_batch)) if missing != "zo" else (None, None)
         fo = (loss_fn(model, short_batch), loss_fn(twin, short_batch)) if missing != "fo" else (None, None)
         loss = optimizer.step(zo[0], fo[0])
-        reference_addax_step(list(twin.parameters()), zo[1], fo[1], optimizer.step_seed(step), settings)
+        reference_addax_step(list(twin.parameters()), zo[1], fo[1], optimizer.step_seed(step), settings,
+                             Passes(optimizer, step))
         assert loss is (optimizer.zo_loss if missing == "fo" else optimizer.fo_loss)
     assert_same_trajectory(model, twin, twin_start, exact=True)
     assert optimizer.step(None, None) is None and optimizer.steps_taken == 4
@@ -448,7 +514,7 @@ def test_parameters_without_gradient_get_the_zo_part():
     for step in range(3):
         optimizer.step(lambda: model.loss(x, True), lambda: model.loss(x, False))
         reference_addax_step(list(twin.parameters()), lambda: twin.loss(x, True), lambda: twin.loss(x, False),
-                             optimizer.step_seed(step), settings)
+                             optimizer.step_seed(step), settings, Passes(optimizer, step))
     assert not torch.equal(model.unused, TwoBranch().unused)
     assert_params_equal(model, twin)
 

@@ -1,0 +1,59 @@
+"""The rounding policies of the optimizers: which storage rounding each pass of a step uses.
+
+The ops round every result to the parameter dtype once per pass, ``"nearest"`` or
+``"stochastic"`` (SPEC §2, ``addax_kernels.ops.ROUNDING_MODES``).  An optimizer step has two
+kinds of pass: *perturbation* passes (θ ± ε·z before a loss evaluation) and *update* passes
+(the fused restore and update, optimizer state included).  A policy names the rounding of
+each kind; float32 parameters are stored exactly whatever the policy.
+
+This module is the one definition of the policy names: integrations and the benchmark import
+:data:`ROUNDING_CHOICES`, :data:`DEFAULT_ROUNDING` and :func:`pass_roundings` from here.
+Every pass also draws its stochastic-rounding words from its own ``rounding_seed``
+(:mod:`addax_kernels.optim.seeds`), so the roundings of one step are independent.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["ROUNDING_CHOICES", "DEFAULT_ROUNDING", "PassRoundings", "pass_roundings", "check_rounding"]
+
+
+class PassRoundings(NamedTuple):
+    """The ops' ``rounding=`` for each kind of pass of a step."""
+
+    perturb: str
+    update: str
+
+
+_POLICIES = {
+    # Every pass stochastic, each with its own words: unbiased at every pass.
+    "stochastic": PassRoundings("stochastic", "stochastic"),
+    # Perturbations to nearest, updates stochastic.
+    "auto": PassRoundings("nearest", "stochastic"),
+    "nearest": PassRoundings("nearest", "nearest"),
+    "dithered": PassRoundings("stochastic", "nearest"),
+}
+
+ROUNDING_CHOICES = tuple(_POLICIES)
+
+# Chosen by measurement (docs/optimizers.md, "Rounding of bf16/fp16 parameters", from
+# scripts/rounding_drift.py): the policy with the smallest drift of gains at 1.0 under
+# constant-loss steps and the smallest bf16-to-fp32 loss gap.
+DEFAULT_ROUNDING = "stochastic"
+
+
+def check_rounding(rounding, name: str = "rounding") -> str:
+    """``rounding`` if it is one of :data:`ROUNDING_CHOICES`, else a ValueError naming ``name``."""
+    if not isinstance(rounding, str) or rounding not in _POLICIES:
+        raise ValueError(f"{name} must be one of {ROUNDING_CHOICES}, got {rounding!r}")
+    return rounding
+
+
+def pass_roundings(rounding: str) -> PassRoundings:
+    """(rounding of perturbation passes, rounding of update passes) under policy ``rounding``.
+
+    Each is one of ``addax_kernels.ops.ROUNDING_MODES``.
+    """
+    return _POLICIES[check_rounding(rounding)]
+
