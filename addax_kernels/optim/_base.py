@@ -488,7 +488,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     def _max_passes(self) -> int:
         # 2K perturbation passes, up to three update passes (ZO-SGD-Cons), one undo.
-        return 2 * self.num_directions + 4
+        return 4 * self.num_directions + 4
 
     def _step_seeds(self, device: torch.device) -> _StepSeeds:
         count = self.num_directions
@@ -647,6 +647,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         losses_minus: List[torch.Tensor] = []
         loss_at_theta = None
         displacement, previous = 0.0, None
+        separate = self._roundings.separate_restore
         with torch.no_grad():
             try:
                 if baseline or self.one_sided:
@@ -655,12 +656,21 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                     seed = seeds.direction(k)
                     if previous is None:
                         self._shift(plan, seeds, seed, 1.0)
+                    elif separate:
+                        self._shift(plan, seeds, previous, -displacement)
+                        displacement = 0.0
+                        self._shift(plan, seeds, seed, 1.0)
                     else:
                         self._shift_pair(plan, seeds, previous, -displacement, seed)
                     displacement, previous = 1.0, seed
                     losses_plus.append(loss_scalar(closure(), device, name))
                     if not self.one_sided:
-                        self._shift(plan, seeds, seed, -2.0)
+                        if separate:
+                            self._shift(plan, seeds, seed, -1.0)
+                            displacement = 0.0
+                            self._shift(plan, seeds, seed, -1.0)
+                        else:
+                            self._shift(plan, seeds, seed, -2.0)
                         displacement = -1.0
                         losses_minus.append(loss_scalar(closure(), device, name))
                 plus = torch.stack(losses_plus)
@@ -669,6 +679,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 else:
                     projected = (plus - torch.stack(losses_minus)) / (2.0 * eps_ref)
                 projected = self._reduce(projected)
+                if separate:
+                    self._shift(plan, seeds, previous, -displacement)
+                    displacement = 0.0
             except BaseException:
                 if displacement:
                     self._shift(plan, seeds, previous, -displacement)
@@ -699,8 +712,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             return
         if bool(finite):
             return
-        with torch.no_grad():
-            self._shift(plan, seeds, estimate.last_seed, estimate.restore)
+        if estimate.restore:
+            with torch.no_grad():
+                self._shift(plan, seeds, estimate.last_seed, estimate.restore)
         described = ", ".join(f"{label} = {float(value):g}" for label, value in self._loss_labels(estimate, extra))
         raise NonFiniteLossError(
             f"{name} returned a non-finite loss or the estimate overflowed ({described}); the step was undone "
@@ -735,6 +749,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             coefficients = torch.roll(coefficients, 1) if count > 1 else coefficients[0]
             cache[scale] = coefficients = coefficients.to(call.device, non_blocking=True)
         return coefficients
+
+    @staticmethod
+    def _restore_scale(estimate: _Estimate, call: _Call) -> Optional[float]:
+        """The ``restore=`` of an update op fused with the restore (None when already restored)."""
+        return estimate.restore * call.eps if estimate.restore else None
 
     def _lr(self, group: dict, estimate: Optional[_Estimate]):
         lr = group["lr"]

@@ -80,7 +80,7 @@ class ZOAdam(ZerothOrderOptimizer):
                 ops.zo_adam_update_(
                     call.tensors, exp_avgs, exp_avg_sqs, directions, self._coefficients(estimate, call, cache),
                     self._lr(group, estimate), step, betas=tuple(group["betas"]), eps=float(group["adam_eps"]),
-                    restore=estimate.restore * call.eps, weight_decay=call.weight_decay,
+                    restore=self._restore_scale(estimate, call), weight_decay=call.weight_decay,
                     rounding=self._roundings.update, rounding_seed=rounding_seed, **call.kwargs)
         self._advance(estimate.finite)
         self.projected_grads = estimate.projected

@@ -177,8 +177,9 @@ class Addax(ZerothOrderOptimizer):
             estimate = self._estimate(plan, seeds, zo_closure, "zo_closure")
             self._check_finite(plan, seeds, estimate, "zo_closure")
             if run_fo:
-                with torch.no_grad():
-                    self._shift(plan, seeds, estimate.last_seed, estimate.restore)
+                if estimate.restore:
+                    with torch.no_grad():
+                        self._shift(plan, seeds, estimate.last_seed, estimate.restore)
             else:
                 self._zo_only_update(plan, seeds.direction(0), seeds.rounding(), estimate, restore=True)
         fo_loss = None
@@ -221,7 +222,7 @@ class Addax(ZerothOrderOptimizer):
                     seed,
                     zo_grad if alpha == 1.0 else zo_grad * alpha,
                     self._lr(group, estimate),
-                    restore=estimate.restore * call.eps if restore else None,
+                    restore=self._restore_scale(estimate, call) if restore else None,
                     weight_decay=call.weight_decay if everything else [call.weight_decay[i] for i in indices],
                     rounding=self._roundings.update,
                     rounding_seed=rounding_seed,

@@ -152,7 +152,7 @@ class MeZO(ZerothOrderOptimizer):
                 group = self.param_groups[call.groups[0]]
                 coefficients = self._coefficients(estimate, call, cache)
                 lr = self._lr(group, estimate)
-                kwargs = dict(restore=estimate.restore * call.eps, weight_decay=call.weight_decay,
+                kwargs = dict(restore=self._restore_scale(estimate, call), weight_decay=call.weight_decay,
                               rounding=self._roundings.update, rounding_seed=rounding_seed, **call.kwargs)
                 momentum = float(group["momentum"])
                 if momentum:
@@ -179,7 +179,7 @@ class MeZO(ZerothOrderOptimizer):
             for call, coefficient in zip(plan.update_calls, coefficients):
                 group = self.param_groups[call.groups[0]]
                 ops.zo_update_(call.tensors, directions, coefficient * multiple, self._lr(group, estimate),
-                               restore=estimate.restore * call.eps if restore else None,
+                               restore=self._restore_scale(estimate, call) if restore else None,
                                rounding=self._roundings.update, rounding_seed=rounding_seed, **call.kwargs)
 
         with torch.no_grad():

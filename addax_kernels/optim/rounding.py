@@ -20,19 +20,29 @@ __all__ = ["ROUNDING_CHOICES", "DEFAULT_ROUNDING", "PassRoundings", "pass_roundi
 
 
 class PassRoundings(NamedTuple):
-    """The ops' ``rounding=`` for each kind of pass of a step."""
+    """How a step's passes round under a policy: the ops' ``rounding=`` of perturbation passes
+    and of update passes, and whether each perturbation is undone by a pass of its own
+    (rounded like the perturbation) instead of inside the next pass."""
 
     perturb: str
     update: str
+    separate_restore: bool = False
 
 
 _POLICIES = {
-    # Every pass stochastic, each with its own words: unbiased at every pass.
+    # Perturbations to nearest, each undone by its own nearest-rounded pass: rn(rn(θ + εz) − εz)
+    # is θ again wherever the rounding error of the perturbation is under half the spacing at θ
+    # (everywhere but at binade boundaries and ties), so a step leaves no rounding noise behind
+    # besides that of its (stochastic) update.  Costs 4K + 1 passes per two-sided step
+    # (2K + 1 for the others).
+    "restored": PassRoundings("nearest", "stochastic", separate_restore=True),
+    # Every pass stochastic, each with its own words: unbiased at every pass; the restore is
+    # fused with the next pass, so every step adds rounding noise (a random walk).
     "stochastic": PassRoundings("stochastic", "stochastic"),
-    # Perturbations to nearest, updates stochastic.
+    # Perturbations to nearest (restore fused), updates stochastic.
     "auto": PassRoundings("nearest", "stochastic"),
+    # Every pass to nearest.
     "nearest": PassRoundings("nearest", "nearest"),
-    "dithered": PassRoundings("stochastic", "nearest"),
 }
 
 ROUNDING_CHOICES = tuple(_POLICIES)
@@ -40,7 +50,7 @@ ROUNDING_CHOICES = tuple(_POLICIES)
 # Chosen by measurement (docs/optimizers.md, "Rounding of bf16/fp16 parameters", from
 # scripts/rounding_drift.py): the policy with the smallest drift of gains at 1.0 under
 # constant-loss steps and the smallest bf16-to-fp32 loss gap.
-DEFAULT_ROUNDING = "stochastic"
+DEFAULT_ROUNDING = "restored"
 
 
 def check_rounding(rounding, name: str = "rounding") -> str:
