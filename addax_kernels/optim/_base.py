@@ -758,7 +758,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _lr(self, group: dict, estimate: Optional[_Estimate]):
         lr = group["lr"]
         if estimate is not None and estimate.finite is not None:
-            return torch.where(estimate.finite, lr, torch.zeros_like(lr))
+            return lr * estimate.finite  # lr, or 0 for a skipped step (lr is finite: exact)
         return lr
 
     def _zo_loss(self, estimate: _Estimate) -> torch.Tensor:

@@ -31,31 +31,56 @@ DEFAULT_FO_BUCKET_SIZE = 128
 
 
 class _FirstOrderPhase:
-    """What the gradient hooks and ``update_from_grads_`` need while ``step`` runs backward."""
+    """What the gradient hooks and ``update_from_grads_`` need while ``step`` runs backward.
 
-    def __init__(self, optimizer: "Addax", plan: _Plan, seed, rounding_seed, zo_grads, lrs):
+    Gradients are queued per update call and applied in one ``addax_update_`` per call when
+    the queue holds ``fo_bucket_bytes`` bytes or ``fo_bucket_size`` tensors.  Hooks of
+    parameters on different devices run on different autograd threads: the queue is locked.
+    """
+
+    def __init__(self, optimizer: "Addax", plan: _Plan, slot_info, seed, rounding_seed, zo_grads, lrs):
         self.optimizer = optimizer
         self.plan = plan
+        self.slot_of = optimizer._layout.slot_of
+        self.slot_info = slot_info  # per layout position: (update call index, index in call, bytes)
         self.seed = seed
         self.rounding_seed = rounding_seed
         self.zo_grads: List[Union[float, torch.Tensor]] = zo_grads  # per update call
         self.lrs = lrs  # per update call
-        self.updated = bytearray(len(plan.call_of_slot))  # per layout position
-        self.pending: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
+        self.updated = bytearray(len(slot_info))  # per layout position
+        self.consumed = 0
+        self.pending: List[List[Tuple[int, torch.Tensor]]] = [[] for _ in plan.update_calls]
+        self.nonempty: List[int] = []
         self.pending_bytes = 0
         self.pending_count = 0
+        self.max_bytes = optimizer.fo_bucket_bytes
+        self.max_count = optimizer.fo_bucket_size
         self.lock = threading.Lock()
+
+    def take(self, param: torch.Tensor) -> None:
+        """The hook's work: queue ``param``'s fresh gradient (once per step) and clear ``.grad``."""
+        slot = self.slot_of.get(id(param))
+        if slot is None or self.updated[slot]:
+            return
+        grad = param.grad
+        if grad is None:
+            return
+        param.grad = None
+        self.add(slot, grad)
 
     def add(self, slot: int, grad: torch.Tensor) -> None:
         """Queue the update of layout position ``slot`` with ``grad``; apply the queue when it is full."""
-        call_index, index = self.plan.call_of_slot[slot]
+        call_index, index, size = self.slot_info[slot]
         with self.lock:
             self.updated[slot] = 1
-            self.pending.setdefault(call_index, []).append((index, grad))
-            self.pending_bytes += grad.numel() * grad.element_size()
+            self.consumed += 1
+            queue = self.pending[call_index]
+            if not queue:
+                self.nonempty.append(call_index)
+            queue.append((index, grad))
+            self.pending_bytes += size
             self.pending_count += 1
-            optimizer = self.optimizer
-            if self.pending_bytes >= optimizer.fo_bucket_bytes or self.pending_count >= optimizer.fo_bucket_size:
+            if self.pending_bytes >= self.max_bytes or self.pending_count >= self.max_count:
                 self.flush_locked()
 
     def flush(self) -> None:
@@ -64,22 +89,23 @@ class _FirstOrderPhase:
 
     def flush_locked(self) -> None:
         """θ ← θ − lr·(α·g0·z + (1−α)·grad + wd·θ) for every queued parameter: one op per call."""
-        pending, self.pending = self.pending, {}
+        nonempty, self.nonempty = self.nonempty, []
         self.pending_bytes = self.pending_count = 0
         optimizer = self.optimizer
-        for call_index, entries in pending.items():
+        for call_index in nonempty:
+            entries, self.pending[call_index] = self.pending[call_index], []
             call = self.plan.update_calls[call_index]
             group = optimizer.param_groups[call.groups[0]]
             indices = [index for index, _ in entries]
-            tids, offsets = call.kwargs["tids"], call.kwargs["offsets"]
+            tids, offsets, decays, tensors = call.kwargs["tids"], call.kwargs["offsets"], call.weight_decay, call.tensors
             ops.addax_update_(
-                [call.tensors[i] for i in indices],
+                [tensors[i] for i in indices],
                 [local_grad(grad) for _, grad in entries],
                 self.seed,
                 self.zo_grads[call_index],
                 self.lrs[call_index],
                 float(group["alpha"]),
-                weight_decay=[call.weight_decay[i] for i in indices],
+                weight_decay=[decays[i] for i in indices],
                 tids=[tids[i] for i in indices],
                 offsets=[offsets[i] for i in indices],
                 noise=optimizer.noise,
@@ -137,6 +163,8 @@ class Addax(ZerothOrderOptimizer):
         self.fo_loss: Optional[torch.Tensor] = None
         self._phase: Optional[_FirstOrderPhase] = None
         self._hook_handles: Dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._hooked_layout = None
+        self._slot_info: Optional[Tuple[_Plan, list]] = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, alpha=alpha), num_directions=1,
                          noise=noise, rounding=rounding, seed=seed, backend=backend, grad_reduce=grad_reduce,
                          sparsity=sparsity, capturable=capturable)
@@ -229,16 +257,26 @@ class Addax(ZerothOrderOptimizer):
                     **kwargs,
                 )
 
+    def _fo_slot_info(self, plan: _Plan) -> list:
+        """Per layout position: (update call index, index in the call, gradient bytes)."""
+        if self._slot_info is None or self._slot_info[0] is not plan:
+            tensors = self._layout.tensors
+            info = [(call_index, index, tensors[slot].numel() * tensors[slot].element_size())
+                    for slot, (call_index, index) in sorted(plan.call_of_slot.items())]
+            self._slot_info = (plan, info)
+        return self._slot_info[1]
+
     def _first_order_phase(self, plan: _Plan, seeds: _StepSeeds, estimate: Optional[_Estimate],
                            fo_closure) -> torch.Tensor:
         layout = self._layout
         for param in layout.params:
             param.grad = None  # B1's gradient at θ alone, never a stale accumulation
         lrs = [self._lr(self.param_groups[call.groups[0]], estimate) for call in plan.update_calls]
-        phase = _FirstOrderPhase(self, plan, seeds.direction(0), seeds.rounding(),
+        phase = _FirstOrderPhase(self, plan, self._fo_slot_info(plan), seeds.direction(0), seeds.rounding(),
                                  self._zo_coefficients(plan, estimate), lrs)
-        if self.fo_in_backward:
+        if self.fo_in_backward and self._hooked_layout is not layout:
             self._ensure_hooks(layout.params)
+            self._hooked_layout = layout
 
         with torch.enable_grad():
             loss = fo_closure()
@@ -259,8 +297,9 @@ class Addax(ZerothOrderOptimizer):
         try:
             loss.backward()
             phase.flush()
-            self._apply_remaining_grads(phase, layout)
-            if estimate is not None:
+            if phase.consumed < len(layout.params):
+                self._apply_remaining_grads(phase, layout)
+            if estimate is not None and phase.consumed < len(layout.params):
                 self._zo_only_update(plan, phase.seed, phase.rounding_seed, estimate, restore=False,
                                      skip=phase.updated)
         finally:
@@ -286,23 +325,13 @@ class Addax(ZerothOrderOptimizer):
 
         def on_grad_ready(param: torch.Tensor) -> None:
             optimizer = optimizer_ref()
-            if optimizer is not None:
-                optimizer._consume_grad(param)
+            phase = None if optimizer is None else optimizer._phase
+            if phase is not None:  # else a backward outside Addax.step: leave its gradients alone
+                phase.take(param)
 
         for param in params:
             if param.requires_grad and id(param) not in self._hook_handles:
                 self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(on_grad_ready)
-
-    def _consume_grad(self, param: torch.Tensor) -> None:
-        phase = self._phase
-        if phase is None:
-            return  # a backward outside Addax.step: leave its gradients alone
-        grad = param.grad
-        slot = self._layout.slot_of.get(id(param))
-        if grad is None or slot is None or phase.updated[slot]:
-            return
-        param.grad = None
-        phase.add(slot, grad)
 
     def update_from_grads_(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Apply this step's update θ ← θ − lr·(α·g0·z + (1−α)·grad + wd·θ) to ``params`` with

@@ -203,7 +203,9 @@ class MeZO(ZerothOrderOptimizer):
                                torch.where(loss_down < loss_up, 2.0, 0.0))
             finite = candidates_finite if estimate.finite is None else candidates_finite & estimate.finite
             keep = torch.where(finite, keep, 1.0)
-            kept_loss = torch.stack([loss_up, loss_theta, loss_down])[keep.to(torch.int64)]
+            # index_select, not indexing by a 0-dim tensor (which reads the index on the host).
+            kept_loss = torch.index_select(torch.stack([loss_up, loss_theta, loss_down]), 0,
+                                           keep.to(torch.int64).reshape(1)).reshape(())
             if self.capturable:
                 move(keep, restore=False)
                 return kept_loss, finite
