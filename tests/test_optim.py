@@ -1191,9 +1191,10 @@ class StochasticRoundingCheck:
             f"residual {self.residual:.3g} against σ {self.variance ** 0.5:.3g} over {self.count} elements")
 
 
+@pytest.mark.parametrize("rounding", [DEFAULT_ROUNDING, "stochastic"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["momentum", "adam"])
-def test_family_on_bf16_rounds_the_torch_optim_step_without_bias(case, state_dtype):
+def test_family_on_bf16_rounds_the_torch_optim_step_without_bias(case, state_dtype, rounding):
     """bf16 parameters (and bf16 state): each step, from the parameters the last loss saw, the
     float32 step of torch.optim on ours' g·z gives the values ours stores rounded: every stored
     element is one of their two bf16 neighbours and the rounding is unbiased (5σ over 20 steps).
@@ -1201,7 +1202,7 @@ def test_family_on_bf16_rounds_the_torch_optim_step_without_bias(case, state_dty
     optimizer_class, options, make_torch = FAMILY_CASES[case]
     data = regression_data()
     model = small_mlp(torch.bfloat16, hidden=64)
-    optimizer = optimizer_class(model.parameters(), eps=1e-2, seed=5, state_dtype=state_dtype,
+    optimizer = optimizer_class(model.parameters(), eps=1e-2, seed=5, state_dtype=state_dtype, rounding=rounding,
                                 backend="reference", **options)
     names = [name for name, _ in model.named_parameters()]
     params = list(model.parameters())
@@ -1217,7 +1218,12 @@ def test_family_on_bf16_rounds_the_torch_optim_step_without_bias(case, state_dty
         states = [{key: value.float().clone() for key, value in optimizer.state[p].items()} for p in params]
         optimizer.step(recording_closure)
         z = materialized_z(params, optimizer.step_seed(step))
-        twin = [torch.nn.Parameter(last.float() + 1e-2 * zp) for last, zp in zip(seen[-1], z)]  # θ' of the restore
+        # θ', the restored θ: rounded to nearest by a pass of its own under the "restored" policy,
+        # else the float32 sum inside the update pass.
+        restored = [last.float() + 1e-2 * zp for last, zp in zip(seen[-1], z)]
+        if pass_roundings(optimizer.rounding).separate_restore:
+            restored = [theta.to(torch.bfloat16).float() for theta in restored]
+        twin = [torch.nn.Parameter(theta) for theta in restored]
         reference = make_torch(twin)
         for tid, q in enumerate(twin):
             q.grad = optimizer.projected_grads[0] * z[tid]
