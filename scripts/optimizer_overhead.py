@@ -5,8 +5,9 @@ bfloat16 matrices, 1 in 5 float32 vectors, in two param groups as no_decay_param
 
 * ``mezo_step_us``: MeZO.step with a trivial closure (a constant loss), median µs per step;
 * ``addax_hook_us``: Addax.step(None, fo_closure) minus the same forward and backward without
-  the optimizer, median µs per backward: the cost of the gradient hooks, the bucketed updates
-  and the bookkeeping around them.
+  the optimizer, median µs per backward (the two timed in turn within each repeat, so that the
+  load of a shared machine hits both alike): the cost of the gradient hooks, the bucketed
+  updates and the bookkeeping around them.
 
 Each is taken twice: with the real ops (whatever ``backend`` runs them), and with every op of
 ``addax_kernels.ops`` replaced by a no-op for the duration of the measurement, which leaves the
@@ -69,14 +70,22 @@ def no_op_ops() -> Iterator[None]:
 
 
 def median_us(run: Callable[[], None], repeats: int, warmup: int = 3) -> float:
+    return interleaved_median_us([run], repeats, warmup)[0]
+
+
+def interleaved_median_us(runs: List[Callable[[], None]], repeats: int, warmup: int = 3) -> List[float]:
+    """Median µs of each of ``runs``, timed in turn within every repeat so that the load of a
+    shared machine affects them alike."""
     for _ in range(warmup):
-        run()
-    samples = []
+        for run in runs:
+            run()
+    samples: List[List[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+        for run, times in zip(runs, samples):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) * 1e6 for times in samples]
 
 
 def mezo_step_us(count: int, backend: str, repeats: int, **options) -> float:
@@ -102,8 +111,7 @@ def addax_hook_us(count: int, backend: str, repeats: int, **options) -> Dict[str
         for p in params:
             p.grad = None
 
-    with_optimizer = median_us(lambda: optimizer.step(None, loss), repeats)
-    without = median_us(plain, repeats)
+    with_optimizer, without = interleaved_median_us([lambda: optimizer.step(None, loss), plain], repeats)
     return {"step_us": with_optimizer, "backward_us": without, "hooks_us": with_optimizer - without}
 
 

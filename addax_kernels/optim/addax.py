@@ -42,6 +42,7 @@ class _FirstOrderPhase:
         self.optimizer = optimizer
         self.plan = plan
         self.slot_of = optimizer._layout.slot_of
+        self.has_shards = bool(optimizer._layout.dtensor_slots)
         self.slot_info = slot_info  # per layout position: (update call index, index in call, bytes)
         self.seed = seed
         self.rounding_seed = rounding_seed
@@ -49,7 +50,8 @@ class _FirstOrderPhase:
         self.lrs = lrs  # per update call
         self.updated = bytearray(len(slot_info))  # per layout position
         self.consumed = 0
-        self.pending: List[List[Tuple[int, torch.Tensor]]] = [[] for _ in plan.update_calls]
+        self.pending_indices: List[List[int]] = [[] for _ in plan.update_calls]
+        self.pending_grads: List[List[torch.Tensor]] = [[] for _ in plan.update_calls]
         self.nonempty: List[int] = []
         self.pending_bytes = 0
         self.pending_count = 0
@@ -74,10 +76,11 @@ class _FirstOrderPhase:
         with self.lock:
             self.updated[slot] = 1
             self.consumed += 1
-            queue = self.pending[call_index]
-            if not queue:
+            indices = self.pending_indices[call_index]
+            if not indices:
                 self.nonempty.append(call_index)
-            queue.append((index, grad))
+            indices.append(index)
+            self.pending_grads[call_index].append(grad)
             self.pending_bytes += size
             self.pending_count += 1
             if self.pending_bytes >= self.max_bytes or self.pending_count >= self.max_count:
@@ -93,18 +96,20 @@ class _FirstOrderPhase:
         self.pending_bytes = self.pending_count = 0
         optimizer = self.optimizer
         for call_index in nonempty:
-            entries, self.pending[call_index] = self.pending[call_index], []
+            indices, self.pending_indices[call_index] = self.pending_indices[call_index], []
+            grads, self.pending_grads[call_index] = self.pending_grads[call_index], []
             call = self.plan.update_calls[call_index]
-            group = optimizer.param_groups[call.groups[0]]
-            indices = [index for index, _ in entries]
-            tids, offsets, decays, tensors = call.kwargs["tids"], call.kwargs["offsets"], call.weight_decay, call.tensors
+            tensors, tids, offsets, decays = call.tensors, call.kwargs["tids"], call.kwargs["offsets"], \
+                call.weight_decay
+            if self.has_shards:
+                grads = [local_grad(grad) for grad in grads]
             ops.addax_update_(
                 [tensors[i] for i in indices],
-                [local_grad(grad) for _, grad in entries],
+                grads,
                 self.seed,
                 self.zo_grads[call_index],
                 self.lrs[call_index],
-                float(group["alpha"]),
+                float(optimizer.param_groups[call.groups[0]]["alpha"]),
                 weight_decay=[decays[i] for i in indices],
                 tids=[tids[i] for i in indices],
                 offsets=[offsets[i] for i in indices],
