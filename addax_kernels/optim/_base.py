@@ -15,7 +15,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,14 +25,13 @@ from .. import rng
 from ..backends import BACKEND_NAMES
 from ..distributed import is_dtensor, local_shard
 from .rounding import check_rounding, pass_roundings
-from .seeds import ROUNDING_STREAM, as_int64, derive_seed, derive_seeds_on_device, splitmix64
+from .seeds import ROUNDING_STREAM, as_int64, derive_seed, derive_seeds_on_device, step_key, stream_seed
 
 BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 STATE_KEY = "zo_state"
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_MASK64 = (1 << 64) - 1
 
 
 class NonFiniteLossError(ValueError):
@@ -201,7 +200,6 @@ class _Call:
     kwargs: dict  # tids, offsets, noise, sparsity, backend
     weight_decay: Tuple[float, ...] = ()
     states: List[List[torch.Tensor]] = field(default_factory=list)  # per state key, aligned with tensors
-    position_of: Dict[int, int] = field(default_factory=dict)  # layout position -> index in tensors
 
 
 @dataclass
@@ -226,15 +224,14 @@ class _StepSeeds:
     def __init__(self, num_directions: int, host: Optional[Tuple[int, int]] = None,
                  device_values: Optional[torch.Tensor] = None):
         self.num_directions = num_directions
-        self._host = host  # (base seed, step): ints derived on demand
-        self._prefix = None if host is None else splitmix64(splitmix64(host[0]) ^ (host[1] & _MASK64))
+        self._key = None if host is None else step_key(*host)
         self._values = device_values
         self.next_pass = 0
 
     def _seed(self, stream_index: int, stream: int):
         if self._values is not None:
             return self._values[stream_index]
-        return splitmix64(self._prefix ^ stream)
+        return stream_seed(self._key, stream)
 
     def direction(self, k: int):
         return self._seed(k, k)
@@ -424,7 +421,6 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                     eps=float(self.param_groups[group_indices[0]]["eps"]),
                     kwargs=dict(tids=tuple(slots), offsets=tuple(layout.offsets[s] for s in slots), **common),
                     weight_decay=tuple(float(self.param_groups[layout.group_of[s]]["weight_decay"]) for s in slots),
-                    position_of={s: i for i, s in enumerate(slots)},
                 ))
             return calls
 

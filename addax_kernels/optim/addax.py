@@ -4,7 +4,6 @@ short ones, each gradient applied during backward in bounded buckets."""
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,7 +26,7 @@ from .rounding import DEFAULT_ROUNDING
 # Gradients held before one fused update is applied to them: bounded by bytes and by count,
 # never a buffer for the whole model.  Larger buckets mean fewer op calls per backward.
 DEFAULT_FO_BUCKET_BYTES = 32 << 20
-DEFAULT_FO_BUCKET_SIZE = 128
+DEFAULT_FO_BUCKET_SIZE = 256
 
 
 class _FirstOrderPhase:
@@ -121,6 +120,24 @@ class _FirstOrderPhase:
             )
 
 
+class _GradientHook:
+    """Every parameter's post-accumulate-grad hook: hands the gradient to the running step.
+
+    It holds the step's phase only while the step runs backward, so hooks that outlive the
+    optimizer keep nothing alive; a backward outside ``Addax.step`` leaves gradients alone.
+    """
+
+    __slots__ = ("phase",)
+
+    def __init__(self):
+        self.phase: Optional[_FirstOrderPhase] = None
+
+    def __call__(self, param: torch.Tensor) -> None:
+        phase = self.phase
+        if phase is not None:
+            phase.take(param)
+
+
 class Addax(ZerothOrderOptimizer):
     """Hybrid ZO/FO SGD (SPEC §3).  One step with seed s = ``step_seed(steps_taken)``::
 
@@ -167,6 +184,7 @@ class Addax(ZerothOrderOptimizer):
         self.fo_bucket_size = check_int(fo_bucket_size, "fo_bucket_size", 1)
         self.fo_loss: Optional[torch.Tensor] = None
         self._phase: Optional[_FirstOrderPhase] = None
+        self._hook = _GradientHook()
         self._hook_handles: Dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._hooked_layout = None
         self._slot_info: Optional[Tuple[_Plan, list]] = None
@@ -298,7 +316,7 @@ class Addax(ZerothOrderOptimizer):
                 f"at θ up to the restore's rounding, step counter still {self.steps_taken})"
             )
 
-        self._phase = phase
+        self._phase = self._hook.phase = phase
         try:
             loss.backward()
             phase.flush()
@@ -308,7 +326,7 @@ class Addax(ZerothOrderOptimizer):
                 self._zo_only_update(plan, phase.seed, phase.rounding_seed, estimate, restore=False,
                                      skip=phase.updated)
         finally:
-            self._phase = None
+            self._phase = self._hook.phase = None
         return fo_loss
 
     def _apply_remaining_grads(self, phase: _FirstOrderPhase, layout) -> None:
@@ -326,17 +344,9 @@ class Addax(ZerothOrderOptimizer):
     # -------------------------------------------------------------- in-backward updates
 
     def _ensure_hooks(self, params: Sequence[torch.Tensor]) -> None:
-        optimizer_ref = weakref.ref(self)
-
-        def on_grad_ready(param: torch.Tensor) -> None:
-            optimizer = optimizer_ref()
-            phase = None if optimizer is None else optimizer._phase
-            if phase is not None:  # else a backward outside Addax.step: leave its gradients alone
-                phase.take(param)
-
         for param in params:
             if param.requires_grad and id(param) not in self._hook_handles:
-                self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(on_grad_ready)
+                self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(self._hook)
 
     def update_from_grads_(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Apply this step's update θ ← θ − lr·(α·g0·z + (1−α)·grad + wd·θ) to ``params`` with

@@ -99,9 +99,9 @@ class MeZO(ZerothOrderOptimizer):
         checks = super()._group_checks()
         checks["momentum"] = lambda value, name: check_unit_interval(value, name, open_right=True)
         if self.conservative:
-            checks["momentum"] = _must_be_zero("momentum", "conservative=True (ZO-SGD-Cons) takes no momentum")
+            checks["momentum"] = _must_be_zero("conservative=True (ZO-SGD-Cons) takes no momentum")
             checks["weight_decay"] = _must_be_zero(
-                "weight_decay", "conservative=True (ZO-SGD-Cons) compares θ ∓ lr·g·z and takes no weight decay")
+                "conservative=True (ZO-SGD-Cons) compares θ ∓ lr·g·z and takes no weight decay")
         return checks
 
     def _update_key(self, group: dict) -> tuple:
@@ -221,7 +221,8 @@ class MeZO(ZerothOrderOptimizer):
         return kept_loss, None
 
 
-def _must_be_zero(key: str, reason: str):
+def _must_be_zero(reason: str):
+    """A group-scalar check that accepts only 0, explaining why."""
     def check(value, name):
         if check_nonnegative(value, name) != 0.0:
             raise ValueError(f"{name} must be 0: {reason}, got {value}")

@@ -28,6 +28,8 @@ import torch
 __all__ = [
     "ROUNDING_STREAM",
     "splitmix64",
+    "step_key",
+    "stream_seed",
     "derive_seed",
     "derive_step_seeds",
     "step_streams",
@@ -56,9 +58,19 @@ def splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
+def step_key(base_seed: int, step: int) -> int:
+    """mix(mix(base_seed) ^ step): the part of the chain every seed of one step shares."""
+    return splitmix64(splitmix64(base_seed) ^ (step & MASK64))
+
+
+def stream_seed(key: int, stream: int) -> int:
+    """The seed of ``stream`` from the step's :func:`step_key`."""
+    return splitmix64(key ^ stream)
+
+
 def derive_seed(base_seed: int, step: int, stream: int) -> int:
     """The u64 seed of ``stream`` at ``step`` (see the module docstring)."""
-    return splitmix64(splitmix64(splitmix64(base_seed) ^ (step & MASK64)) ^ stream)
+    return stream_seed(step_key(base_seed, step), stream)
 
 
 def step_streams(num_directions: int, num_passes: int) -> Tuple[int, ...]:
@@ -67,9 +79,9 @@ def step_streams(num_directions: int, num_passes: int) -> Tuple[int, ...]:
 
 
 def derive_step_seeds(base_seed: int, step: int, streams: Sequence[int]) -> Tuple[int, ...]:
-    """``derive_seed(base_seed, step, s)`` for every ``s`` in ``streams``, sharing the chain's prefix."""
-    prefix = splitmix64(splitmix64(base_seed) ^ (step & MASK64))
-    return tuple(splitmix64(prefix ^ stream) for stream in streams)
+    """``derive_seed(base_seed, step, s)`` for every ``s`` in ``streams``."""
+    key = step_key(base_seed, step)
+    return tuple(stream_seed(key, stream) for stream in streams)
 
 
 def _shift_right_logical(value: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,5 +109,5 @@ def derive_seeds_on_device(base_seed: int, step: torch.Tensor, streams: torch.Te
     int64 tensor addition and multiplication wrapping modulo 2**64, as they do on every
     PyTorch device.
     """
-    prefix = _splitmix64_tensor(step ^ as_int64(splitmix64(base_seed)))
-    return _splitmix64_tensor(streams ^ prefix)
+    key = _splitmix64_tensor(step ^ as_int64(splitmix64(base_seed)))  # step_key, on the device
+    return _splitmix64_tensor(streams ^ key)
