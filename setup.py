@@ -226,6 +226,8 @@ def _extensions():
     try:
         import pybind11
     except ImportError:
+        if _flag("ADDAX_KERNELS_REQUIRE_NATIVE"):
+            raise RuntimeError("ADDAX_KERNELS_REQUIRE_NATIVE=1 but pybind11 is not installed: pip install pybind11")
         _log("pybind11 is not installed: installing without the native extension")
         return []
     return [

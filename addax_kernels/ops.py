@@ -120,9 +120,7 @@ def _warn_reference_fallback(device: torch.device) -> None:
     )
     warnings.warn(
         f"addax_kernels: backend='auto' fell back to the pure-PyTorch reference backend on {device.type}, "
-        f"which is tens of times slower ({reasons}). Build the native extension with "
-        "`pip install --no-build-isolation --no-deps .` from a source checkout or sdist (see docs/native.md), "
-        f"or set {BACKEND_ENV_VAR}=reference to choose it knowingly.",
+        f"which is tens of times slower ({reasons}). Set {BACKEND_ENV_VAR}=reference to choose it knowingly.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -13,6 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==${ADDAX_TORCH_VERSION:-2.13.0}"
 fi
 $PIP install -q "triton==${ADDAX_TRITON_VERSION:-3.8.0}" numpy scipy pytest transformers peft matplotlib tqdm \
-    pybind11 ninja setuptools wheel
+    pybind11 ninja "setuptools>=77" wheel
 $PIP install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import torch, addax_kernels as ak; print('torch', torch.__version__); print('backends on cpu:', ak.backend_report('cpu'))"

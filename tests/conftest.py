@@ -21,3 +21,27 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def generator():
     """A seeded CPU generator: every test draws fresh but reproducible inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+# ----------------------------------------------------------------------------- markers
+
+SLOW_OPTION = "--slow"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        SLOW_OPTION,
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (minutes each on a 2-core CPU); CI runs them",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are deselected (not skipped) unless pytest gets ``--slow``."""
+    if config.getoption(SLOW_OPTION):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]

@@ -14,47 +14,7 @@ from scipy import stats
 import addax_kernels as ak
 from addax_kernels import rng
 
-# Random123's published known-answer vectors for Philox4x32-10 (tests/kat_vectors).
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    (
-        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-        (0xA4093822, 0x299F31D0),
-        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-    ),
-]
-
-
-def python_philox(counter, key):
-    """Philox4x32-10 with Python ints, straight from Salmon et al. (2011)."""
-    c = list(counter)
-    k0, k1 = key
-    for _ in range(10):
-        p0 = 0xD2511F53 * c[0]
-        p1 = 0xCD9E8D57 * c[2]
-        c = [
-            ((p1 >> 32) ^ c[1] ^ k0) & 0xFFFFFFFF,
-            p1 & 0xFFFFFFFF,
-            ((p0 >> 32) ^ c[3] ^ k1) & 0xFFFFFFFF,
-            p0 & 0xFFFFFFFF,
-        ]
-        k0 = (k0 + 0x9E3779B9) & 0xFFFFFFFF
-        k1 = (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return tuple(c)
-
-
-def spec_gaussian_float64(words):
-    """Box–Muller of SPEC §1 in float64 from four words (Python ints)."""
-    u = [(2 * (w >> 9) + 1) * 2.0**-24 for w in words]
-    r0 = math.sqrt(-2.0 * math.log(u[0]))
-    r1 = math.sqrt(-2.0 * math.log(u[2]))
-    return [
-        r0 * math.cos(2 * math.pi * u[1]),
-        r0 * math.sin(2 * math.pi * u[1]),
-        r1 * math.cos(2 * math.pi * u[3]),
-        r1 * math.sin(2 * math.pi * u[3]),
-    ]
+from known_answers import PHILOX_KAT, python_philox, spec_gaussian_float64
 
 
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
@@ -280,3 +240,69 @@ def test_nan_passes_through_and_nearest_is_torch_cast():
         rng.round_to_dtype(x, torch.bfloat16, "stochastic")
     with pytest.raises(ValueError):
         rng.round_to_dtype(x, torch.bfloat16, "down")
+
+
+# ----------------------------------------------------------------------------- v2: seeds, masks
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 2.0**-24, 1 - 2.0**-24, 0.1234567])
+def test_sparsity_threshold_is_the_exact_form_of_u_at_least_p(sparsity):
+    """odd >= ceil(p 2^24) ⇔ odd 2^-24 >= p, checked on every odd around the threshold."""
+    threshold = rng.sparsity_threshold(sparsity)
+    for odd in range(max(1, threshold - 5) | 1, threshold + 6, 2):
+        assert (odd >= threshold) == (odd * 2.0**-24 >= sparsity)
+
+
+def test_sparsity_threshold_rejects_bad_values():
+    for bad, error in ((1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), (True, TypeError),
+                       ("0.5", TypeError)):
+        with pytest.raises(error, match="sparsity"):
+            rng.sparsity_threshold(bad)
+
+
+def test_keep_mask_is_the_purpose_two_word_of_each_lane():
+    seed, tid, start, count = 2**64 - 5, 17, 2**33 + 3, 301
+    keep = rng.keep_mask_range(seed, tid, start, count, rng.sparsity_threshold(0.4))
+    expected = []
+    for e in range(start, start + count):
+        word = python_philox(((e >> 2) & 0xFFFFFFFF, e >> 34, tid, 2), (seed & 0xFFFFFFFF, seed >> 32))[e & 3]
+        expected.append((2 * (word >> 9) + 1) * 2.0**-24 >= 0.4)
+    assert keep.tolist() == expected
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_sparse_noise_zeroes_exactly_the_dropped_elements(kind):
+    dense = ak.noise(5000, 99, tid=3, offset=11, noise=kind)
+    sparse = ak.noise(5000, 99, tid=3, offset=11, noise=kind, sparsity=0.25)
+    keep = rng.keep_mask_range(99, 3, 11, 5000, rng.sparsity_threshold(0.25))
+    assert torch.equal(sparse[keep], dense[keep])
+    assert bool((sparse[~keep] == 0).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1, 2**63, 2**64 - 1])
+def test_seed_tensors_hold_the_same_64_bits(seed):
+    as_int64 = torch.tensor(rng.seed_as_int64(seed), dtype=torch.int64)
+    assert rng.seed_from_int64(int(as_int64)) == seed
+    expected = rng.noise(333, seed, tid=5, offset=7)
+    assert torch.equal(rng.noise(333, as_int64, tid=5, offset=7), expected)
+    if hasattr(torch, "uint64"):
+        assert torch.equal(rng.noise(333, as_int64.view(torch.uint64), tid=5, offset=7), expected)
+    words = rng.rounding_words(as_int64, 5, 7, 40)
+    assert torch.equal(words, rng.rounding_words(seed, 5, 7, 40))
+
+
+def test_seed_tensor_checks():
+    with pytest.raises(ValueError, match="0-dim"):
+        rng.check_seed(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="float32"):
+        rng.check_seed(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="params' device"):
+        rng.check_seed(torch.tensor(3), device=torch.device("meta"))
+
+
+def test_state_rounding_seeds_differ_from_the_rounding_seed_and_each_other():
+    for seed in (0, 1, 2, 2**64 - 1):
+        keys = {seed, rng.state_rounding_seed(seed, 0), rng.state_rounding_seed(seed, 1)}
+        assert len(keys) == 3
+        tensor = torch.tensor(rng.seed_as_int64(seed))
+        assert rng.seed_from_int64(int(rng.state_rounding_seed(tensor, 1))) == rng.state_rounding_seed(seed, 1)

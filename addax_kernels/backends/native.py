@@ -31,7 +31,11 @@ __all__ = ["unavailable_reason", "fused_update_", "philox4x32", "uniforms", "bui
 _STORAGE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOISE_KINDS = {"gaussian": 0, "rademacher": 1}
 _ROUNDING_MODES = {"nearest": 0, "stochastic": 1}
-_REBUILD_HINT = "rebuild with `pip install --no-build-isolation --no-deps -e .` (see docs/native.md)"
+_REBUILD_HINT = (
+    "to build it, reinstall from the source checkout or sdist with a C++ compiler and pybind11 present: "
+    "`ADDAX_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation --no-deps --force-reinstall <checkout or sdist>` "
+    "(that variable makes a failed build stop with its error; docs/native.md)"
+)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:

@@ -116,7 +116,10 @@ def run(prepared, group: TensorGroup, job: FusedJob, params: Sequence[torch.Tens
                                                             state_seeds[0], tid, first)
                         state_flats[1][start:stop] = _round(v, state_flats[1].dtype, job.rounding,
                                                             state_seeds[1], tid, first)
-                        denominator = torch.sqrt(v) / _scalar(job, SCALAR_ADAM_BC2_SQRT) + _scalar(job, SCALAR_ADAM_EPS)
+                        # float64 square root, rounded once: IEEE float32 sqrt (torch.sqrt on the CPU
+                        # can be an ulp off), as the contract states.
+                        denominator = (torch.sqrt(v.double()).float() / _scalar(job, SCALAR_ADAM_BC2_SQRT)
+                                       + _scalar(job, SCALAR_ADAM_EPS))
                         direction = m / denominator
                     x = x - lr * direction
                 flat[start:stop] = _round(x, flat.dtype, job.rounding, rounding_seed, tid, first)

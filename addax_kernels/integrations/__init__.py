@@ -3,7 +3,8 @@
 * :mod:`.transformers` — :class:`ZOTrainer` / :class:`ZOTrainingArguments`: a
   ``transformers.Trainer`` that trains with MeZO or Addax (needs transformers).
 * :mod:`.mezo_adapter` — :class:`MeZOKernelsMixin` / :class:`MeZOAdapter`: MeZO's trainer
-  methods (``zo_perturb_parameters``, ``zo_step``, ``zo_update``) on the fused ops.
+  methods (``zo_perturb_parameters``, ``zo_step``, ``zo_update``) on the fused ops; on
+  ZO-Bench's trainer it refuses, naming it, every setting it does not reproduce.
 
 Names are resolved on first use, so ``import addax_kernels.integrations`` never imports
 transformers by itself.
@@ -18,6 +19,7 @@ _EXPORTS = {
     "MeZOAdapter": ".mezo_adapter",
     "MeZOArguments": ".mezo_adapter",
     "mezo_decays": ".mezo_adapter",
+    "zo_bench_unserved_setting": ".mezo_adapter",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,13 @@ index) instead of materialized per parameter.  Put it first in the bases of an e
 trainer (``class Fused(MeZOKernelsMixin, OurTrainer)``) and nothing else changes; the user's
 own ``zo_forward`` is kept.
 
+ZO-Bench's trainer (ZO-Bench/ZO-LLM, ``zo-bench/trainer.py``) has the same method names but
+more settings on its ``args``, and takes its update inside its own ``zo_step`` through a
+torch optimizer.  The mixin reproduces only its plain ZO-SGD (``trainer="zo_sgd"``,
+``momentum=0``, ``q=1``, two-sided, dense, no weight decay); every other setting raises a
+ValueError naming it (:func:`zo_bench_unserved_setting`), because serving it with the mixin's
+methods would silently run a different algorithm.
+
 :class:`MeZOAdapter` is the same mixin as a standalone object for training loops that are not
 a ``transformers.Trainer``.
 
@@ -32,23 +39,74 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..ops import addax_update_, perturb_, zo_update_
+from ..backends import BACKEND_NAMES
+from ..ops import ROUNDING_MODES, addax_update_, perturb_, zo_update_
+from ..optim import mezo_decays
+from ..rng import NOISE_KINDS
 
-__all__ = ["MeZOKernelsMixin", "MeZOAdapter", "MeZOArguments", "mezo_decays"]
+__all__ = ["MeZOKernelsMixin", "MeZOAdapter", "MeZOArguments", "mezo_decays", "zo_bench_unserved_setting"]
 
-ROUNDING_CHOICES = ("auto", "nearest", "stochastic")
+# "auto": perturbations round to nearest, updates stochastically (SPEC §2).
+ROUNDING_CHOICES = ("auto",) + ROUNDING_MODES
+BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 
 # MeZO draws each step's seed as np.random.randint(1000000000).
 _MEZO_SEED_BOUND = 1_000_000_000
 
+# ZO-Bench's zeroth-order trainers (its ``args.trainer``) and what each runs.
+_ZO_BENCH_TRAINERS = {
+    "zo_sgd": "ZO-SGD",
+    "zo_adam": "ZO-Adam: a torch.optim.Adam step on g*z",
+    "zo_sign_opt": "ZO-SGD-Sign: sign(g)*z in place of g*z",
+    "zo_conserv": "ZO-SGD-Cons: keeps the lowest loss among theta, theta - lr*g*z, theta + lr*g*z",
+}
 
-def mezo_decays(name: str) -> bool:
-    """MeZO's weight-decay rule, verbatim: no decay for names containing ``bias``,
-    ``layer_norm`` or ``layernorm``.
 
-    It is name-based, so e.g. a Llama final ``model.norm.weight`` *is* decayed, as in MeZO.
+def zo_bench_unserved_setting(args: Any) -> Optional[str]:
+    """The first setting of a ZO-Bench ``args`` that :class:`MeZOKernelsMixin` cannot serve,
+    as ``"name=value (what ZO-Bench does with it)"``, or None.
+
+    Applies when ``args.trainer`` names one of ZO-Bench's zeroth-order trainers; any other
+    host (MeZO's trainer: ``trainer="zo"``, or no ``trainer`` field) has nothing to check.
+    The fields read are spelled as in ZO-Bench's ``OurArguments``: ``trainer``, ``momentum``,
+    ``q``, ``perturbation_mode``, ``gradient_sparsity``, ``module_wise_perturbation``, and
+    the Trainer's ``weight_decay``.
     """
-    return "bias" not in name and "layer_norm" not in name and "layernorm" not in name
+    trainer = getattr(args, "trainer", None)
+    if trainer not in _ZO_BENCH_TRAINERS:
+        return None
+    if trainer != "zo_sgd":
+        return f"trainer={trainer!r} ({_ZO_BENCH_TRAINERS[trainer]})"
+    momentum = getattr(args, "momentum", 0.0)
+    if momentum:
+        return f"momentum={momentum!r} (ZO-SGD with momentum: a torch.optim.SGD(momentum=...) step on g*z)"
+    q = getattr(args, "q", 1)
+    if q != 1:
+        return f"q={q!r} ({q} directions per step, averaged)"
+    mode = getattr(args, "perturbation_mode", "two_side")
+    if mode != "two_side":
+        return f"perturbation_mode={mode!r} (the one-sided estimate (l(theta + eps*z) - l(theta)) / eps)"
+    sparsity = getattr(args, "gradient_sparsity", None)
+    if sparsity is not None:
+        return f"gradient_sparsity={sparsity!r} (sparse perturbations: a random share of z set to 0)"
+    if getattr(args, "module_wise_perturbation", False):
+        return "module_wise_perturbation=True (one perturbation and update per module)"
+    weight_decay = getattr(args, "weight_decay", 0.0)
+    if weight_decay:
+        return (f"weight_decay={weight_decay!r} (ZO-Bench builds its ZO optimizer without weight decay, so it "
+                "applies none; the mixin would apply it)")
+    return None
+
+
+def _check_zo_bench_host(args: Any) -> None:
+    setting = zo_bench_unserved_setting(args)
+    if setting is not None:
+        raise ValueError(
+            f"MeZOKernelsMixin cannot serve the ZO-Bench setting {setting}: it runs ZO-Bench's plain ZO-SGD "
+            "only (trainer='zo_sgd', momentum=0, q=1, perturbation_mode='two_side', gradient_sparsity=None, "
+            "module_wise_perturbation=False, weight_decay=0), and with this setting it would silently run "
+            "a different algorithm. Remove the mixin from the trainer's bases for this setting, or change it."
+        )
 
 
 class MeZOKernelsMixin:
@@ -63,6 +121,9 @@ class MeZOKernelsMixin:
     ``zo_noise`` ("gaussian" or "rademacher"), ``zo_rounding`` ("auto": perturbations round to
     nearest, updates of bf16/fp16 parameters round stochastically — see SPEC §2; or
     "nearest"/"stochastic" for both), ``zo_backend``.
+
+    On ZO-Bench's trainer every method first checks ``self.args`` with
+    :func:`zo_bench_unserved_setting` and raises a ValueError naming a setting it cannot serve.
 
     Stream ids: parameter i of ``named_parameters_to_optim`` uses tid i, so the same set of
     trainable parameters in the same order gives the same z in every call.
@@ -83,6 +144,7 @@ class MeZOKernelsMixin:
 
         ``random_seed`` defaults to ``self.zo_random_seed``, as in MeZO.
         """
+        _check_zo_bench_host(self.args)
         seed = self.zo_random_seed if random_seed is None else random_seed
         perturb_(
             self._zo_params(),
@@ -101,6 +163,7 @@ class MeZOKernelsMixin:
         ``transformers.set_seed`` and the Trainer's checkpoints manage), perturb +ε, loss,
         perturb −2ε, loss, ``projected_grad = ((l+ − l−)/(2ε)).item()``, perturb +ε back.
         """
+        _check_zo_bench_host(self.args)
         accumulation = getattr(self.args, "gradient_accumulation_steps", 1)
         if accumulation != 1:
             raise ValueError(f"MeZO's zo_step has no gradient accumulation: gradient_accumulation_steps={accumulation}")
@@ -122,6 +185,7 @@ class MeZOKernelsMixin:
         ``model`` is accepted for MeZO's call shape; the parameters are those of the last
         :meth:`zo_step`.
         """
+        _check_zo_bench_host(self.args)
         names = [name for name, _ in self.named_parameters_to_optim]
         zo_update_(
             self._zo_params(),
@@ -144,6 +208,7 @@ class MeZOKernelsMixin:
         without a ``.grad`` get the ZO part only.  Frees the gradients it consumed and steps
         ``self.lr_scheduler`` if there is one.
         """
+        _check_zo_bench_host(self.args)
         names_params = self.named_parameters_to_optim
         lr = self._get_learning_rate()
         wd = float(self.args.weight_decay)
@@ -249,8 +314,12 @@ class MeZOAdapter(MeZOKernelsMixin):
     ):
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f"eps must be a positive float, got {eps!r}")
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
         if rounding not in ROUNDING_CHOICES:
             raise ValueError(f"rounding must be one of {ROUNDING_CHOICES}, got {rounding!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.args = MeZOArguments(zo_eps=float(eps), weight_decay=float(weight_decay))
         self.lr = lr
         self.loss_fn = loss_fn or _model_loss

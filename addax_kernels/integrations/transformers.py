@@ -24,9 +24,18 @@ How it fits the Trainer (transformers 4.40 – 5.x):
   (one backward, applied in place per parameter).
 * ZO forward passes run with the model in eval mode (dropout off, so both perturbed losses
   see the same network, as in MeZO); the FO forward/backward runs in train mode.
-* Weight decay follows the Trainer's own split (:meth:`Trainer.get_decay_parameter_names`:
-  no decay for biases and norm weights); only parameters with ``requires_grad`` are touched,
-  so PEFT adapters train and the frozen base model is never written.
+* Weight decay follows the package's rule (:func:`addax_kernels.optim.decayed_parameter_names`:
+  no decay for biases and the parameters of normalization modules), which
+  :meth:`ZOTrainer.get_decay_parameter_names` returns; only parameters with
+  ``requires_grad`` are touched, so PEFT adapters train and the frozen base model is never
+  written.
+* ZO losses are computed in float32 when the model has bf16/fp16 parameters or runs under
+  bf16 autocast: torch's loss functions (cross entropy, MSE, BCE, ...) get float32 inputs
+  while the loss is computed, whatever the head.  A 16-bit loss has so few values near its
+  magnitude that (l+ - l-) / 2eps takes only a handful of values; a loss that still comes
+  back in 16 bits (a ``compute_loss`` that does its own arithmetic) gets a warning.
+* Defaults suit ZO fine-tuning: ``learning_rate`` is 1e-6 (full-parameter MeZO uses
+  1e-7 – 1e-6; the Trainer's 5e-5 is far above that), the rest are the Trainer's.
 * Checkpoints: the optimizer's ``state_dict`` (which carries the seed stream) goes to
   ``optimizer.pt`` as usual, so ``resume_from_checkpoint`` continues with the same z's.
 * Logged per ``logging_steps``: ``loss`` (MeZO: loss at θ+εz; Addax: the mean of the ZO and
@@ -47,27 +56,68 @@ MeZO across processes all-reduces the projected gradient only
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainingArguments
+
+from ..backends import BACKEND_NAMES
+from ..ops import ROUNDING_MODES
+from ..rng import NOISE_KINDS
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments"]
 
 ZO_METHODS = ("mezo", "addax")
-NOISE_KINDS = ("gaussian", "rademacher")
-ROUNDING_CHOICES = ("auto", "nearest", "stochastic")
-BACKEND_CHOICES = ("auto", "reference", "triton", "native")
+# "auto": perturbations round to nearest, updates stochastically (SPEC §2).
+ROUNDING_CHOICES = ("auto",) + ROUNDING_MODES
+BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
+# Full-parameter MeZO learning rates are 1e-7 - 1e-6 (MeZO's paper), far below the Trainer's 5e-5.
+ZO_DEFAULT_LEARNING_RATE = 1e-6
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# torch's loss functions, as heads call them (HF's losses, nn.*Loss modules).
+_LOSS_FUNCTIONS = frozenset({
+    F.cross_entropy, F.nll_loss, F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss,
+    F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.kl_div, F.soft_margin_loss, F.multilabel_soft_margin_loss,
+    F.poisson_nll_loss,
+})
+
+
+def _to_float32(value):
+    if isinstance(value, torch.Tensor) and value.dtype in _LOW_PRECISION:
+        return value.float()
+    return value
+
+
+class _Float32Losses(TorchFunctionMode):
+    """Inside this mode torch's loss functions compute in float32: their bf16/fp16 tensor
+    arguments are upcast first (the logits themselves stay as the model computed them)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOSS_FUNCTIONS:
+            args = tuple(_to_float32(value) for value in args)
+            kwargs = {key: _to_float32(value) for key, value in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 @dataclass
 class ZOTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the zeroth-order settings (all parse with ``HfArgumentParser``).
 
-    ``learning_rate`` and ``weight_decay`` are the Trainer's own; typical MeZO learning rates
-    are 1e-7 – 1e-6 for full fine-tuning, 1e-5 – 1e-4 for LoRA.
+    ``learning_rate`` and ``weight_decay`` are the Trainer's own fields; ``learning_rate``
+    defaults to 1e-6 here (typical MeZO learning rates are 1e-7 – 1e-6 for full fine-tuning,
+    1e-5 – 1e-4 for LoRA), instead of the Trainer's 5e-5.
     """
+
+    learning_rate: float = field(
+        default=ZO_DEFAULT_LEARNING_RATE,
+        metadata={"help": "Learning rate (default 1e-6: full-parameter MeZO; 1e-5 - 1e-4 suit LoRA)."},
+    )
 
     zo_method: str = field(default="mezo", metadata={"help": "'mezo' (ZO-SGD) or 'addax' (ZO on long, FO on short sequences)."})
     zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale epsilon."})
@@ -215,6 +265,8 @@ class ZOTrainer(Trainer):
             raise TypeError(f"ZOTrainer needs ZOTrainingArguments, got {type(args).__name__}")
         self.zo_optimizer = None
         self._zo_metrics = _StepMetrics()
+        self._zo_loss_mode = None  # _Float32Losses for a 16-bit model, decided at the first ZO loss
+        self._warned_low_precision_loss = False
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._check_supported()
         if self.optimizer is not None:
@@ -262,9 +314,16 @@ class ZOTrainer(Trainer):
             return all_reduce_mean()
         return None
 
+    def get_decay_parameter_names(self, model) -> List[str]:
+        """The package's weight-decay rule (:func:`addax_kernels.optim.decayed_parameter_names`):
+        every parameter but biases and the parameters of normalization modules."""
+        from ..optim import decayed_parameter_names
+
+        return decayed_parameter_names(model)
+
     def create_optimizer(self, model=None):
         """The MeZO/Addax optimizer over the trainable parameters, in two groups: with the
-        Trainer's ``weight_decay`` and without (biases and norm weights)."""
+        Trainer's ``weight_decay`` and without (biases and norm parameters)."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decayed_names = set(self.get_decay_parameter_names(opt_model))
@@ -297,9 +356,27 @@ class ZOTrainer(Trainer):
     # ------------------------------------------------------------------ training
 
     def _zo_loss(self, model, batch) -> torch.Tensor:
+        """The loss at the current (perturbed) parameters, in eval mode, in float32."""
         model.eval()
+        if self._zo_loss_mode is None:
+            low_precision = self.args.bf16 or any(p.dtype in _LOW_PRECISION for p in model.parameters())
+            self._zo_loss_mode = _Float32Losses() if low_precision else False
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, batch)
+            if self._zo_loss_mode:
+                with self._zo_loss_mode:
+                    loss = self.compute_loss(model, batch)
+            else:
+                loss = self.compute_loss(model, batch)
+        if loss.dtype in _LOW_PRECISION and not self._warned_low_precision_loss:
+            self._warned_low_precision_loss = True
+            warnings.warn(
+                f"ZOTrainer: compute_loss returned a {loss.dtype} loss, so the two-point estimate "
+                "(l+ - l-) / (2 zo_eps) takes only a few distinct values (multiples of the loss's 16-bit "
+                "spacing / (2 zo_eps)). Compute the loss in float32 in compute_loss, e.g. "
+                "torch.nn.functional.cross_entropy(outputs.logits.float(), labels).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return loss.mean() if loss.dim() else loss
 
     def _fo_loss(self, model, batch) -> torch.Tensor:

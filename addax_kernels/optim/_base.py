@@ -23,7 +23,7 @@ import torch
 from .. import ops
 from .. import rng
 from ..backends import BACKEND_NAMES
-from ..distributed import is_dtensor, local_shard
+from ..sharding import is_dtensor, local_shard
 from .rounding import check_rounding, pass_roundings
 from .seeds import ROUNDING_STREAM, as_int64, derive_seed, derive_seeds_on_device, step_key, stream_seed
 

@@ -1,4 +1,4 @@
-"""The Triton backend: one fused, multi-tensor launch per dtype group (docs/triton.md).
+"""The Triton backend: the fused pass of backends/__init__.py as multi-tensor launches (docs/triton.md).
 
 z is regenerated in the kernel from ``tl.philox`` with the explicit counters of SPEC §1, so
 a pass reads and writes each parameter once and never materializes noise.  On CUDA devices
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from .. import FusedJob
+from .. import FusedJob, TensorGroup
 
 _KERNELS_MODULE = __name__ + ".kernels"
 
@@ -61,8 +61,15 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"the Triton backend runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
-def fused_update_(params: List[torch.Tensor], grads: Optional[List[torch.Tensor]], job: FusedJob) -> None:
-    """The fused pass of ``addax_kernels.backends`` over one dtype group, in one launch."""
+def prepare(group: TensorGroup, params, states):
+    """Alignment classes and their metadata tables for ``group`` (uploaded once; no tensor kept)."""
     from . import launch
 
-    launch.fused_update_(params, grads, job)
+    return launch.prepare(group, params, states)
+
+
+def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> None:
+    """The fused pass of ``addax_kernels.backends`` over ``group``: one launch per alignment class."""
+    from . import launch
+
+    launch.run(prepared, group, job, params, grads, states)
