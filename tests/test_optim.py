@@ -132,11 +132,15 @@ def store(param, x, rounding, seed, tid):
 
 class Passes:
     """The passes of one optimizer step, in order: pass p rounds as the policy says for its
-    kind, with the words of rounding seed derive_seed(base, step, 2**32 + p) (docs/optimizers.md)."""
+    kind, with the words of rounding seed derive_seed(base, step, 2**32 + p); perturbations are
+    undone by passes of their own when the policy says so and some parameter is 16-bit
+    (docs/optimizers.md)."""
 
     def __init__(self, optimizer, step):
         self.base_seed, self.step = optimizer.base_seed, step
         self.roundings = pass_roundings(optimizer.rounding)
+        self.separate = self.roundings.separate_restore and any(
+            p.dtype != torch.float32 for group in optimizer.param_groups for p in group["params"])
         self.index = 0
 
     def next(self, kind):
@@ -174,7 +178,7 @@ def reference_mezo_step(params, closure, seeds, s: Settings, passes: Passes):
     direction k−1 with the +ε of direction k (one rounding of θ + ε·z_{k−1} + ε·z_k), and the
     last restore with the update.
     """
-    separate = passes.roundings.separate_restore
+    separate = passes.separate
     zs = [materialized_z(params, seed) for seed in seeds]
     differences = []
     for k, z in enumerate(zs):
@@ -207,7 +211,7 @@ def reference_mezo_step(params, closure, seeds, s: Settings, passes: Passes):
 
 def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, passes: Passes):
     """θ ← θ − lr·(α·g0·z + (1−α)·∇θ + wd·θ), gradient of B1 at the restored θ."""
-    separate = passes.roundings.separate_restore
+    separate = passes.separate
     z = materialized_z(params, seed)
     g0 = None
     with torch.no_grad():
@@ -1075,10 +1079,9 @@ def mse_closure(model, data):
 
 
 @torch.no_grad()
-def plain_estimate(params, closure, zs, eps, one_sided, separate_restore=False):
+def plain_estimate(params, closure, zs, eps, one_sided):
     """ZO-Bench's estimate with materialized z in float32 arithmetic: g_k = (ℓ+ − ℓ−)/(2ε)
-    or (ℓ+ − ℓ(θ))/ε; leaves the parameters at the restored θ' the update applies to.
-    ``separate_restore`` moves +ε to −ε in two steps of −ε, as the "restored" policy does."""
+    or (ℓ+ − ℓ(θ))/ε; leaves the parameters at the restored θ' the update applies to."""
     def move(scale, z):
         for p, zp in zip(params, z):
             p.copy_(p + scale * zp)
@@ -1093,8 +1096,7 @@ def plain_estimate(params, closure, zs, eps, one_sided, separate_restore=False):
         if one_sided:
             estimates.append((plus - baseline) / eps)
         else:
-            for scale in ((-eps, -eps) if separate_restore else (-2.0 * eps,)):
-                move(scale, z)
+            move(-2.0 * eps, z)
             estimates.append((plus - closure().float()) / (2.0 * eps))
     move(-eps if one_sided else eps, zs[-1])
     return torch.stack(estimates)
@@ -1221,7 +1223,7 @@ def test_family_on_bf16_rounds_the_torch_optim_step_without_bias(case, state_dty
         # θ', the restored θ: rounded to nearest by a pass of its own under the "restored" policy,
         # else the float32 sum inside the update pass.
         restored = [last.float() + 1e-2 * zp for last, zp in zip(seen[-1], z)]
-        if pass_roundings(optimizer.rounding).separate_restore:
+        if pass_roundings(optimizer.rounding).separate_restore:  # the parameters are bf16
             restored = [theta.to(torch.bfloat16).float() for theta in restored]
         twin = [torch.nn.Parameter(theta) for theta in restored]
         reference = make_torch(twin)
@@ -1266,7 +1268,7 @@ def test_conservative_step_keeps_the_lowest_of_three_points(one_sided):
         with torch.no_grad():
             loss_theta = closure().float()
             z = materialized_z(params, optimizer.step_seed(step))
-            g = plain_estimate(params, closure, [z], eps, one_sided, separate_restore=True)[0]
+            g = plain_estimate(params, closure, [z], eps, one_sided)[0]
             for p, zp in zip(params, z):
                 p.copy_(p - lr * (g * zp))
             loss_down = closure().float()

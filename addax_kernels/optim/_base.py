@@ -169,6 +169,7 @@ class _Layout:
     group_of: List[int]
     slot_of: Dict[int, int]  # id(param) -> position
     dtensor_slots: List[int]
+    low_precision: bool  # some parameter is stored in float16 or bfloat16
 
     @classmethod
     def build(cls, param_groups: Sequence[dict]) -> "_Layout":
@@ -181,7 +182,8 @@ class _Layout:
                 offsets.append(offset)
                 group_of.append(group_index)
         return cls(params, tensors, offsets, group_of, {id(p): i for i, p in enumerate(params)},
-                   [i for i, p in enumerate(params) if is_dtensor(p)])
+                   [i for i, p in enumerate(params) if is_dtensor(p)],
+                   any(tensor.dtype != torch.float32 for tensor in tensors))
 
     def refresh_shards(self) -> None:
         for slot in self.dtensor_slots:
@@ -643,7 +645,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         losses_minus: List[torch.Tensor] = []
         loss_at_theta = None
         displacement, previous = 0.0, None
-        separate = self._roundings.separate_restore
+        separate = self._separate_restores()
         with torch.no_grad():
             try:
                 if baseline or self.one_sided:
@@ -684,6 +686,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 raise
         estimate = _Estimate(projected, losses_plus, losses_minus, loss_at_theta, -displacement, previous)
         return estimate
+
+    def _separate_restores(self) -> bool:
+        """Whether perturbations are undone by passes of their own (the policy asks for it, and
+        some parameter is 16-bit: float32 stores every pass exactly, so it keeps the fused passes)."""
+        return self._roundings.separate_restore and self._layout.low_precision
 
     def _reduce(self, projected: torch.Tensor) -> torch.Tensor:
         if self.grad_reduce is None:

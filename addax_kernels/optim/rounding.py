@@ -33,8 +33,8 @@ _POLICIES = {
     # Perturbations to nearest, each undone by its own nearest-rounded pass: rn(rn(θ + εz) − εz)
     # is θ again wherever the rounding error of the perturbation is under half the spacing at θ
     # (everywhere but at binade boundaries and ties), so a step leaves no rounding noise behind
-    # besides that of its (stochastic) update.  Costs 4K + 1 passes per two-sided step
-    # (2K + 1 for the others).
+    # besides that of its (stochastic) update.  Costs 4K + 1 passes per two-sided step (2K + 1
+    # for the others) when some parameter is 16-bit; float32 alone keeps the fused passes.
     "restored": PassRoundings("nearest", "stochastic", separate_restore=True),
     # Every pass stochastic, each with its own words: unbiased at every pass; the restore is
     # fused with the next pass, so every step adds rounding noise (a random walk).
