@@ -15,6 +15,7 @@ import torch
 
 import addax_kernels
 from addax_kernels import ops
+from addax_kernels.ops import _backend_choice
 from addax_kernels.backends import native
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +111,8 @@ def test_auto_fallback_without_the_extension_warns_once_with_the_fix(monkeypatch
     computes what the reference computes."""
     monkeypatch.setattr(native, "_C", None)
     monkeypatch.setattr(native, "_IMPORT_ERROR", ImportError("cannot import name '_C' from 'addax_kernels'"))
-    monkeypatch.setattr(ops, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(_backend_choice, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(_backend_choice, "_RESOLVED", {})  # eager calls cache the backend per device
     monkeypatch.delenv(ops.BACKEND_ENV_VAR, raising=False)
     params = torch.zeros(3, 100)
     with warnings.catch_warnings(record=True) as caught:
