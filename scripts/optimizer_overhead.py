@@ -9,10 +9,15 @@ bfloat16 matrices, 1 in 5 float32 vectors, in two param groups as no_decay_param
   load of a shared machine hits both alike): the cost of the gradient hooks, the bucketed
   updates and the bookkeeping around them.
 
-Each is taken twice: with the real ops (whatever ``backend`` runs them), and with every op of
-``addax_kernels.ops`` replaced by a no-op for the duration of the measurement, which leaves the
-optimizer's share alone (seeds, plan, estimate, hooks, bookkeeping).  The no-op stub exists for
-timing only; nothing is updated while it is installed.
+Each is taken three ways:
+
+* ``ops``: the real ops, kernels included (whatever ``backend`` runs them);
+* ``host``: the real ops with the backend's kernel pass (``run``) replaced by a no-op: the host
+  time of a step, optimizer and ops layer together, as a GPU would see it;
+* ``optimizer_only``: every op of ``addax_kernels.ops`` replaced by a no-op: the optimizer's own
+  share (seeds, plan, estimate, hooks, bookkeeping).
+
+The stubs exist for timing only; nothing is updated while they are installed.
 
 Importable (the benchmark calls :func:`measure`); as a script it prints one JSON object:
 
@@ -30,7 +35,7 @@ from typing import Callable, Dict, Iterator, List
 
 import torch
 
-from addax_kernels import ops
+from addax_kernels import backends, ops
 from addax_kernels.optim import Addax, MeZO
 
 OP_NAMES = ("perturb_", "zo_update_", "addax_update_", "zo_momentum_update_", "zo_adam_update_")
@@ -67,6 +72,18 @@ def no_op_ops() -> Iterator[None]:
     finally:
         for name, op in saved.items():
             setattr(ops, name, op)
+
+
+@contextlib.contextmanager
+def no_op_kernels(backend: str) -> Iterator[None]:
+    """Replace ``backend``'s kernel pass with a no-op: the ops still validate, plan and dispatch."""
+    module = backends.load(backend)
+    saved = module.run
+    try:
+        module.run = lambda *args, **kwargs: None
+        yield
+    finally:
+        module.run = saved
 
 
 def median_us(run: Callable[[], None], repeats: int, warmup: int = 3) -> float:
@@ -116,12 +133,13 @@ def addax_hook_us(count: int, backend: str, repeats: int, **options) -> Dict[str
 
 
 def measure(count: int = 400, backend: str = "reference", repeats: int = 30) -> Dict[str, Dict[str, float]]:
-    """Both measurements, with the real ops and with the no-op stub (the optimizer's share)."""
+    """Both measurements, each with the real ops, with no-op kernels and with no-op ops."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         results = {}
-        for label, context in (("ops", contextlib.nullcontext), ("optimizer_only", no_op_ops)):
+        for label, context in (("ops", contextlib.nullcontext), ("host", lambda: no_op_kernels(backend)),
+                               ("optimizer_only", no_op_ops)):
             with context():
                 results[label] = {
                     "mezo_step_us": mezo_step_us(count, backend, repeats),
