@@ -209,10 +209,10 @@ def reference_mezo_step(params, closure, seeds, s: Settings, passes: Passes):
     return [(d / (2 * s.eps[0])) for d in differences]
 
 
-def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, passes: Passes):
+def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, passes: Passes, sparsity=0.0):
     """θ ← θ − lr·(α·g0·z + (1−α)·∇θ + wd·θ), gradient of B1 at the restored θ."""
     separate = passes.separate
-    z = materialized_z(params, seed)
+    z = materialized_z(params, seed, sparsity)
     g0 = None
     with torch.no_grad():
         if zo_closure is not None:
@@ -527,6 +527,24 @@ class TwoBranch(torch.nn.Module):
     def loss(self, x, with_unused):
         out = self.used(x).square().mean()
         return out + self.unused.square().sum() if with_unused else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_addax_with_sparse_perturbations_matches_reference(dtype):
+    """sparsity = 0.6: z from ak.noise(..., sparsity=0.6) in every ZO pass and in the update,
+    bit for bit on the reference backend (bf16: the default policy's separate restores)."""
+    generator = torch.Generator().manual_seed(14)
+    model = tiny_model("llama", dtype=dtype)
+    twin = copy.deepcopy(model)
+    optimizer = Addax(model.parameters(), lr=1e-2, eps=1e-2, alpha=0.4, weight_decay=0.05, sparsity=0.6, seed=6,
+                      backend="reference")
+    settings = Settings(optimizer.param_groups)
+    for step in range(3):
+        long_batch, short_batch = make_batch(generator, 2, 12), make_batch(generator, 2, 6)
+        optimizer.step(loss_fn(model, long_batch), loss_fn(model, short_batch))
+        reference_addax_step(list(twin.parameters()), loss_fn(twin, long_batch), loss_fn(twin, short_batch),
+                             optimizer.step_seed(step), settings, Passes(optimizer, step), sparsity=0.6)
+    assert_params_equal(model, twin)
 
 
 def test_parameters_without_gradient_get_the_zo_part():
