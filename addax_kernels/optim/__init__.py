@@ -1,7 +1,11 @@
-"""torch.optim optimizers on the fused ops: :class:`MeZO` (ZO-SGD, n-SPSA) and :class:`Addax`,
-and the package's weight-decay rule (:func:`decayed_parameter_names`, :func:`no_decay_param_groups`).
+"""torch.optim optimizers on the fused ops: :class:`MeZO` (ZO-SGD, n-SPSA, and ZO-Bench's
+momentum, sign, conservative and one-sided variants), :class:`ZOAdam` and :class:`Addax`, and the
+package's weight-decay rule (:func:`decayed_parameter_names`, :func:`no_decay_param_groups`).
 
 See ``docs/optimizers.md`` for the step algorithms, the memory story and a training loop.
+The rounding policies (:data:`ROUNDING_CHOICES`, :data:`DEFAULT_ROUNDING`,
+:func:`pass_roundings`) are defined in :mod:`addax_kernels.optim.rounding` and the seed
+stream in :mod:`addax_kernels.optim.seeds`.
 """
 
 from __future__ import annotations
@@ -11,10 +15,25 @@ from typing import List
 
 import torch
 
+from ._base import NonFiniteLossError
+from .adam import ZOAdam
 from .addax import Addax
 from .mezo import MeZO
+from .rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES, PassRoundings, pass_roundings
 
-__all__ = ["MeZO", "Addax", "decayed_parameter_names", "mezo_decays", "no_decay_param_groups"]
+__all__ = [
+    "MeZO",
+    "ZOAdam",
+    "Addax",
+    "NonFiniteLossError",
+    "ROUNDING_CHOICES",
+    "DEFAULT_ROUNDING",
+    "PassRoundings",
+    "pass_roundings",
+    "decayed_parameter_names",
+    "mezo_decays",
+    "no_decay_param_groups",
+]
 
 
 # ----------------------------------------------------------------------------- weight decay

@@ -1,38 +1,141 @@
 """Addax (Li et al., ICLR 2025): a MeZO estimate on long sequences mixed with in-place SGD on
-short ones, each parameter updated the moment its gradient is ready."""
+short ones, each gradient applied during backward in bounded buckets."""
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import ops
 from ._base import (
-    Bucket,
+    NonFiniteLossError,
     ZerothOrderOptimizer,
-    check_lr,
-    check_nonnegative,
-    check_positive,
+    _Estimate,
+    _Plan,
+    _StepSeeds,
+    check_bool,
+    check_int,
     check_unit_interval,
     local_grad,
     loss_scalar,
 )
+from .rounding import DEFAULT_ROUNDING
 
-ParamLocation = Tuple[int, int]  # (bucket index, position in the bucket)
+# Gradients held before one fused update is applied to them: bounded by bytes and by count,
+# never a buffer for the whole model.  Larger buckets mean fewer op calls per backward.
+DEFAULT_FO_BUCKET_BYTES = 32 << 20
+DEFAULT_FO_BUCKET_SIZE = 256
 
 
-@dataclass
 class _FirstOrderPhase:
-    """What the gradient hooks and ``update_from_grads_`` need while ``step`` runs backward."""
+    """What the gradient hooks and ``update_from_grads_`` need while ``step`` runs backward.
 
-    seed: int
-    buckets: List[Bucket]
-    zo_grads: List[Union[float, torch.Tensor]]  # per bucket: the group's ZO estimate, 0.0 without B0
-    locations: Dict[int, ParamLocation]
-    updated: Set[int] = field(default_factory=set)
+    Gradients are queued per update call and applied in one ``addax_update_`` per call when
+    the queue holds ``fo_bucket_bytes`` bytes or ``fo_bucket_size`` tensors.  Hooks of
+    parameters on different devices run on different autograd threads: the queue is locked.
+    """
+
+    def __init__(self, optimizer: "Addax", plan: _Plan, slot_info, seed, rounding_seed, zo_grads, lrs):
+        self.optimizer = optimizer
+        self.plan = plan
+        self.slot_of = optimizer._layout.slot_of
+        self.has_shards = bool(optimizer._layout.dtensor_slots)
+        self.slot_info = slot_info  # per layout position: (update call index, index in call, bytes)
+        self.seed = seed
+        self.rounding_seed = rounding_seed
+        self.zo_grads: List[Union[float, torch.Tensor]] = zo_grads  # per update call
+        self.lrs = lrs  # per update call
+        self.updated = bytearray(len(slot_info))  # per layout position
+        self.consumed = 0
+        self.pending_indices: List[List[int]] = [[] for _ in plan.update_calls]
+        self.pending_grads: List[List[torch.Tensor]] = [[] for _ in plan.update_calls]
+        self.nonempty: List[int] = []
+        self.pending_bytes = 0
+        self.pending_count = 0
+        self.max_bytes = optimizer.fo_bucket_bytes
+        self.max_count = optimizer.fo_bucket_size
+        self.lock = threading.Lock()
+
+    def take(self, param: torch.Tensor) -> None:
+        """The hook's work: queue ``param``'s fresh gradient (once per step) and clear ``.grad``."""
+        slot = self.slot_of.get(id(param))
+        if slot is None or self.updated[slot]:
+            return
+        grad = param.grad
+        if grad is None:
+            return
+        param.grad = None
+        self.add(slot, grad)
+
+    def add(self, slot: int, grad: torch.Tensor) -> None:
+        """Queue the update of layout position ``slot`` with ``grad``; apply the queue when it is full."""
+        call_index, index, size = self.slot_info[slot]
+        with self.lock:
+            self.updated[slot] = 1
+            self.consumed += 1
+            indices = self.pending_indices[call_index]
+            if not indices:
+                self.nonempty.append(call_index)
+            indices.append(index)
+            self.pending_grads[call_index].append(grad)
+            self.pending_bytes += size
+            self.pending_count += 1
+            if self.pending_bytes >= self.max_bytes or self.pending_count >= self.max_count:
+                self.flush_locked()
+
+    def flush(self) -> None:
+        with self.lock:
+            self.flush_locked()
+
+    def flush_locked(self) -> None:
+        """θ ← θ − lr·(α·g0·z + (1−α)·grad + wd·θ) for every queued parameter: one op per call."""
+        nonempty, self.nonempty = self.nonempty, []
+        self.pending_bytes = self.pending_count = 0
+        optimizer = self.optimizer
+        for call_index in nonempty:
+            indices, self.pending_indices[call_index] = self.pending_indices[call_index], []
+            grads, self.pending_grads[call_index] = self.pending_grads[call_index], []
+            call = self.plan.update_calls[call_index]
+            tensors, tids, offsets, decays = call.tensors, call.kwargs["tids"], call.kwargs["offsets"], \
+                call.weight_decay
+            if self.has_shards:
+                grads = [local_grad(grad) for grad in grads]
+            ops.addax_update_(
+                [tensors[i] for i in indices],
+                grads,
+                self.seed,
+                self.zo_grads[call_index],
+                self.lrs[call_index],
+                float(optimizer.param_groups[call.groups[0]]["alpha"]),
+                weight_decay=[decays[i] for i in indices],
+                tids=[tids[i] for i in indices],
+                offsets=[offsets[i] for i in indices],
+                noise=optimizer.noise,
+                rounding=optimizer._roundings.update,
+                rounding_seed=self.rounding_seed,
+                sparsity=optimizer.sparsity,
+                backend=optimizer.backend,
+            )
+
+
+class _GradientHook:
+    """Every parameter's post-accumulate-grad hook: hands the gradient to the running step.
+
+    It holds the step's phase only while the step runs backward, so hooks that outlive the
+    optimizer keep nothing alive; a backward outside ``Addax.step`` leaves gradients alone.
+    """
+
+    __slots__ = ("phase",)
+
+    def __init__(self):
+        self.phase: Optional[_FirstOrderPhase] = None
+
+    def __call__(self, param: torch.Tensor) -> None:
+        phase = self.phase
+        if phase is not None:
+            phase.take(param)
 
 
 class Addax(ZerothOrderOptimizer):
@@ -40,50 +143,62 @@ class Addax(ZerothOrderOptimizer):
 
         θ ← θ + ε·z(s);  ℓ+ = zo_closure();  θ ← θ − 2ε·z(s);  ℓ− = zo_closure()
         g0 = grad_reduce((ℓ+ − ℓ−)/(2ε));  θ ← θ + ε·z(s)
-        ℓ1 = fo_closure();  ℓ1.backward(), and as each parameter's gradient is ready:
+        ℓ1 = fo_closure();  ℓ1.backward(), and as parameters' gradients become ready:
             θ ← θ − lr·(α·g0·z(s) + (1−α)·∇θ + wd·θ);  θ.grad = None
 
-    No gradient buffer for the whole model ever exists: each gradient is consumed and freed by a
-    ``register_post_accumulate_grad_hook`` hook.  Parameters that get no gradient receive the ZO
-    part alone, θ ← θ − lr·(α·g0·z(s) + wd·θ).
+    No gradient buffer for the whole model ever exists: a ``register_post_accumulate_grad_hook``
+    hook takes each gradient as autograd finishes it (and clears ``.grad``); gradients are
+    queued and applied in fused ``addax_update_`` calls whenever the queue holds
+    ``fo_bucket_bytes`` bytes or ``fo_bucket_size`` tensors, and once more after backward.
+    Parameters that get no gradient receive the ZO part alone, θ ← θ − lr·(α·g0·z(s) + wd·θ).
 
     A missing batch contributes a zero estimate, with α unchanged: without ``fo_closure`` the
     step is θ ← θ' − lr·(α·g0·z + wd·θ') (θ' the restored θ, restore and update fused in one
     pass); without ``zo_closure`` it is θ ← θ − lr·((1−α)·∇θ + wd·θ) on the parameters that get
-    a gradient (the others are left alone, as torch.optim.SGD leaves them).  Each source thus
-    keeps one step size whatever the length split of the batch produced.  With α = 1 in every
+    a gradient (the others are left alone, as torch.optim.SGD leaves them).  With α = 1 in every
     group the FO closure is never called (the step is exactly MeZO's); with α = 0 the ZO
     closure is never called (the step is exactly SGD's).
 
+    A non-finite ZO or FO loss undoes the step before any update (parameters back at θ up to one
+    restore pass's rounding, step counter unchanged) and raises :class:`NonFiniteLossError`.
+
     Args:
         params: parameters or param groups; groups may set ``lr``, ``eps``, ``weight_decay``, ``alpha``.
-        lr, eps, weight_decay, noise, rounding, seed, backend, grad_reduce: as in :class:`MeZO`.
+        lr, eps, weight_decay, sparsity, noise, rounding, seed, backend, grad_reduce, capturable:
+            as in :class:`MeZO`.
         alpha: weight of the ZO estimate, in [0, 1].
-        fo_in_backward: update each parameter inside backward (True); with False the update
+        fo_in_backward: update parameters during backward (True); with False the update
             happens after backward from ``.grad``, or earlier through :meth:`update_from_grads_`
             (DDP comm hooks, which must see the reduced gradient before it is applied).
+        fo_bucket_bytes, fo_bucket_size: bounds of the gradient queue (0 and 1: one update per
+            gradient, as soon as it is ready).
     """
 
     def __init__(self, params, lr=1e-4, eps: float = 1e-3, alpha: float = 0.5, weight_decay: float = 0.0,
-                 noise: str = "gaussian", rounding: str = "auto", seed: int = 0, backend: str = "auto",
-                 grad_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 fo_in_backward: bool = True):
-        check_lr(lr, "lr")
-        check_positive(eps, "eps")
-        check_unit_interval(alpha, "alpha")
-        check_nonnegative(weight_decay, "weight_decay")
-        if not isinstance(fo_in_backward, bool):
-            raise TypeError(f"fo_in_backward must be a bool, got {type(fo_in_backward).__name__}")
-        self.fo_in_backward = fo_in_backward
+                 sparsity: float = 0.0, noise: str = "gaussian", rounding: str = DEFAULT_ROUNDING, seed: int = 0,
+                 backend: str = "auto", grad_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 fo_in_backward: bool = True, fo_bucket_bytes: int = DEFAULT_FO_BUCKET_BYTES,
+                 fo_bucket_size: int = DEFAULT_FO_BUCKET_SIZE, capturable: bool = False):
+        self.fo_in_backward = check_bool(fo_in_backward, "fo_in_backward")
+        self.fo_bucket_bytes = check_int(fo_bucket_bytes, "fo_bucket_bytes", 0)
+        self.fo_bucket_size = check_int(fo_bucket_size, "fo_bucket_size", 1)
         self.fo_loss: Optional[torch.Tensor] = None
         self._phase: Optional[_FirstOrderPhase] = None
+        self._hook = _GradientHook()
         self._hook_handles: Dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._hooked_layout = None
+        self._slot_info: Optional[Tuple[_Plan, list]] = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, alpha=alpha), num_directions=1,
-                         noise=noise, rounding=rounding, seed=seed, backend=backend, grad_reduce=grad_reduce)
+                         noise=noise, rounding=rounding, seed=seed, backend=backend, grad_reduce=grad_reduce,
+                         sparsity=sparsity, capturable=capturable)
 
-    def _check_group(self, group: dict, index: int) -> None:
-        super()._check_group(group, index)
-        check_unit_interval(group["alpha"], f"param_groups[{index}]['alpha']")
+    def _group_checks(self):
+        checks = super()._group_checks()
+        checks["alpha"] = check_unit_interval
+        return checks
+
+    def _update_key(self, group: dict) -> tuple:
+        return (float(group["alpha"]),)
 
     # -------------------------------------------------------------- the step
 
@@ -106,68 +221,85 @@ class Addax(ZerothOrderOptimizer):
         if not (run_zo or run_fo):
             return None
 
-        buckets = self._buckets()
-        device = buckets[0].device
-        seed = self.step_seed(self._steps_taken)
-        eps_ref = float(self.param_groups[0]["eps"])
-        projected = None
+        plan = self._current_plan()
+        seeds = self._step_seeds(plan.device)
+        estimate = None
         if run_zo:
-            loss_plus, loss_minus = self._measure_direction(buckets, zo_closure, seed, None, device, "zo_closure")
-            projected = self._projected_grads(buckets, seed, [loss_plus], [loss_minus], eps_ref)
-            self.zo_loss = loss_plus
+            estimate = self._estimate(plan, seeds, zo_closure, "zo_closure")
+            self._check_finite(plan, seeds, estimate, "zo_closure")
             if run_fo:
-                with torch.no_grad():
-                    self._perturb(buckets, seed, 1.0)
+                if estimate.restore:
+                    with torch.no_grad():
+                        self._shift(plan, seeds, estimate.last_seed, estimate.restore)
             else:
-                self._zo_only_update(buckets, seed, projected, eps_ref, restore=True)
+                self._zo_only_update(plan, seeds.direction(0), seeds.rounding(), estimate, restore=True)
+        fo_loss = None
         if run_fo:
-            self.fo_loss = self._first_order_phase(buckets, seed, projected, eps_ref, fo_closure, device)
+            fo_loss = self._first_order_phase(plan, seeds, estimate, fo_closure)
 
-        self._steps_taken += 1
-        self.projected_grads = projected
+        self._advance(estimate.finite if estimate is not None else None)
+        if estimate is not None:
+            self.projected_grads = estimate.projected
+            self.zo_loss = estimate.losses_plus[0]
+        self.fo_loss = fo_loss
         return self.fo_loss if self.fo_loss is not None else self.zo_loss
 
-    def _zo_coeff(self, projected: torch.Tensor, eps_ref: float, bucket: Bucket) -> torch.Tensor:
-        estimate = self._group_scaled(projected, eps_ref, bucket.group, bucket.device)[0]
-        alpha = float(bucket.group["alpha"])
-        return estimate if alpha == 1.0 else estimate * alpha
+    def _zo_coefficients(self, plan: _Plan, estimate: Optional[_Estimate]) -> List[Union[float, torch.Tensor]]:
+        """g0 for each update call's groups (scaled to the group's ε), 0.0 without a ZO batch."""
+        if estimate is None:
+            return [0.0] * len(plan.update_calls)
+        cache: dict = {}
+        return [self._coefficients(estimate, call, cache) for call in plan.update_calls]
 
-    def _zo_only_update(self, buckets: Sequence[Bucket], seed: int, projected: torch.Tensor, eps_ref: float,
-                        restore: bool, skip: Optional[Set[int]] = None) -> None:
-        """θ ← θ' − lr·(α·g0·z + wd·θ'), with θ' = θ + ε·z if ``restore`` else θ."""
-        update_rounding = self._roundings()[1]
-        for bucket in buckets:
-            group = bucket.group
-            positions = [i for i, p in enumerate(bucket.params) if skip is None or id(p) not in skip]
-            no_op = not restore and float(group["alpha"]) == 0.0 and float(group["weight_decay"]) == 0.0
-            if not positions or no_op:
-                continue
-            ops.zo_update_(
-                [bucket.tensors[i] for i in positions],
-                seed,
-                self._zo_coeff(projected, eps_ref, bucket),
-                group["lr"],
-                restore=float(group["eps"]) if restore else None,
-                weight_decay=float(group["weight_decay"]),
-                **self._op_kwargs(bucket, update_rounding, positions),
-            )
+    def _zo_only_update(self, plan: _Plan, seed, rounding_seed, estimate: _Estimate, restore: bool,
+                        skip: Optional[bytearray] = None) -> None:
+        """θ ← θ' − lr·(α·g0·z + wd·θ'), with θ' = θ + ε·z if ``restore`` else θ, on every
+        parameter whose ``skip`` flag is 0."""
+        zo_grads = self._zo_coefficients(plan, estimate)
+        with torch.no_grad():
+            for call, zo_grad in zip(plan.update_calls, zo_grads):
+                group = self.param_groups[call.groups[0]]
+                alpha = float(group["alpha"])
+                indices = range(len(call.slots)) if skip is None else \
+                    [i for i, slot in enumerate(call.slots) if not skip[slot]]
+                if not indices or (not restore and alpha == 0.0 and not any(call.weight_decay[i] for i in indices)):
+                    continue
+                everything = skip is None
+                kwargs = call.kwargs if everything else dict(
+                    call.kwargs, tids=[call.kwargs["tids"][i] for i in indices],
+                    offsets=[call.kwargs["offsets"][i] for i in indices])
+                ops.zo_update_(
+                    call.tensors if everything else [call.tensors[i] for i in indices],
+                    seed,
+                    zo_grad if alpha == 1.0 else zo_grad * alpha,
+                    self._lr(group, estimate),
+                    restore=self._restore_scale(estimate, call) if restore else None,
+                    weight_decay=call.weight_decay if everything else [call.weight_decay[i] for i in indices],
+                    rounding=self._roundings.update,
+                    rounding_seed=rounding_seed,
+                    **kwargs,
+                )
 
-    def _first_order_phase(self, buckets: List[Bucket], seed: int, projected: Optional[torch.Tensor],
-                           eps_ref: float, fo_closure, device: torch.device) -> torch.Tensor:
-        for bucket in buckets:
-            for param in bucket.params:
-                param.grad = None  # B1's gradient at θ alone, never a stale accumulation
-        phase = _FirstOrderPhase(
-            seed=seed,
-            buckets=buckets,
-            zo_grads=[
-                0.0 if projected is None else self._group_scaled(projected, eps_ref, bucket.group, bucket.device)[0]
-                for bucket in buckets
-            ],
-            locations={id(p): (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)},
-        )
-        if self.fo_in_backward:
-            self._ensure_hooks(buckets)
+    def _fo_slot_info(self, plan: _Plan) -> list:
+        """Per layout position: (update call index, index in the call, gradient bytes)."""
+        if self._slot_info is None or self._slot_info[0] is not plan:
+            tensors = self._layout.tensors
+            info = [(call_index, index, tensors[slot].numel() * tensors[slot].element_size())
+                    for slot, (call_index, index) in sorted(plan.call_of_slot.items())]
+            self._slot_info = (plan, info)
+        return self._slot_info[1]
+
+    def _first_order_phase(self, plan: _Plan, seeds: _StepSeeds, estimate: Optional[_Estimate],
+                           fo_closure) -> torch.Tensor:
+        layout = self._layout
+        for param in layout.params:
+            param.grad = None  # B1's gradient at θ alone, never a stale accumulation
+        lrs = [self._lr(self.param_groups[call.groups[0]], estimate) for call in plan.update_calls]
+        phase = _FirstOrderPhase(self, plan, self._fo_slot_info(plan), seeds.direction(0), seeds.rounding(),
+                                 self._zo_coefficients(plan, estimate), lrs)
+        if self.fo_in_backward and self._hooked_layout is not layout:
+            self._ensure_hooks(layout.params)
+            self._hooked_layout = layout
 
         with torch.enable_grad():
             loss = fo_closure()
@@ -177,83 +309,51 @@ class Addax(ZerothOrderOptimizer):
         if not loss.requires_grad:
             raise ValueError("fo_closure's loss does not require grad: compute it with autograd enabled, "
                              "from parameters that require grad")
+        fo_loss = loss_scalar(loss, plan.device, "fo_closure")
+        if not self.capturable and not bool(torch.isfinite(fo_loss)):
+            raise NonFiniteLossError(
+                f"fo_closure returned a non-finite loss ({float(fo_loss):g}); nothing was updated (parameters "
+                f"at θ up to the restore's rounding, step counter still {self.steps_taken})"
+            )
 
-        self._phase = phase
+        self._phase = self._hook.phase = phase
         try:
             loss.backward()
-            self._apply_remaining_grads(phase)
-            if projected is not None:
-                self._zo_only_update(buckets, seed, projected, eps_ref, restore=False, skip=phase.updated)
+            phase.flush()
+            if phase.consumed < len(layout.params):
+                self._apply_remaining_grads(phase, layout)
+            if estimate is not None and phase.consumed < len(layout.params):
+                self._zo_only_update(plan, phase.seed, phase.rounding_seed, estimate, restore=False,
+                                     skip=phase.updated)
         finally:
-            self._phase = None
-        return loss_scalar(loss, device, "fo_closure")
+            self._phase = self._hook.phase = None
+        return fo_loss
 
-    def _apply_remaining_grads(self, phase: _FirstOrderPhase) -> None:
+    def _apply_remaining_grads(self, phase: _FirstOrderPhase, layout) -> None:
         """After backward: apply gradients no hook consumed (fo_in_backward=False, or gradients
         assigned outside autograd's accumulation, as FSDP2 does), then free every gradient."""
-        pending = []
-        for bucket_index, bucket in enumerate(phase.buckets):
-            for position, param in enumerate(bucket.params):
-                if param.grad is None:
-                    continue
-                if id(param) not in phase.updated:
-                    pending.append(((bucket_index, position), param.grad))
-        self._apply_first_order(phase, pending)
-        for bucket in phase.buckets:
-            for param in bucket.params:
-                param.grad = None
+        for slot, param in enumerate(layout.params):
+            grad = param.grad
+            if grad is None:
+                continue
+            param.grad = None
+            if not phase.updated[slot]:
+                phase.add(slot, grad)
+        phase.flush()
 
     # -------------------------------------------------------------- in-backward updates
 
-    def _ensure_hooks(self, buckets: Sequence[Bucket]) -> None:
-        optimizer_ref = weakref.ref(self)
-
-        def on_grad_ready(param: torch.Tensor) -> None:
-            optimizer = optimizer_ref()
-            if optimizer is not None:
-                optimizer._consume_grad(param)
-
-        for bucket in buckets:
-            for param in bucket.params:
-                if param.requires_grad and id(param) not in self._hook_handles:
-                    self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(on_grad_ready)
-
-    def _consume_grad(self, param: torch.Tensor) -> None:
-        phase = self._phase
-        if phase is None or param.grad is None:
-            return  # a backward outside Addax.step: leave its gradients alone
-        location = phase.locations.get(id(param))
-        if location is None or id(param) in phase.updated:
-            return
-        self._apply_first_order(phase, [(location, param.grad)])
-        param.grad = None
-
-    def _apply_first_order(self, phase: _FirstOrderPhase, items: Sequence[Tuple[ParamLocation, torch.Tensor]]) -> None:
-        by_bucket: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
-        for (bucket_index, position), grad in items:
-            by_bucket.setdefault(bucket_index, []).append((position, grad))
-        update_rounding = self._roundings()[1]
-        for bucket_index, entries in by_bucket.items():
-            bucket = phase.buckets[bucket_index]
-            group = bucket.group
-            positions = [position for position, _ in entries]
-            ops.addax_update_(
-                [bucket.tensors[i] for i in positions],
-                [local_grad(grad) for _, grad in entries],
-                phase.seed,
-                phase.zo_grads[bucket_index],
-                group["lr"],
-                float(group["alpha"]),
-                weight_decay=float(group["weight_decay"]),
-                **self._op_kwargs(bucket, update_rounding, positions),
-            )
-            phase.updated.update(id(bucket.params[i]) for i in positions)
+    def _ensure_hooks(self, params: Sequence[torch.Tensor]) -> None:
+        for param in params:
+            if param.requires_grad and id(param) not in self._hook_handles:
+                self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(self._hook)
 
     def update_from_grads_(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Apply this step's update θ ← θ − lr·(α·g0·z + (1−α)·grad + wd·θ) to ``params`` with
-        ``grads`` (e.g. a DDP comm hook's reduced bucket).  Only valid during the backward that
+        ``grads`` now (e.g. a DDP comm hook's reduced bucket).  Only valid during the backward that
         :meth:`step` runs; each parameter may be updated once per step, and the step skips it
-        afterwards.  Gradients are read, not freed: their owner decides."""
+        afterwards.  Gradients are read, not freed: their owner decides.  Every pair is checked
+        before any parameter is updated."""
         phase = self._phase
         if phase is None:
             raise RuntimeError("update_from_grads_ can only be called during the backward pass of Addax.step")
@@ -262,21 +362,25 @@ class Addax(ZerothOrderOptimizer):
         params, grads = list(params), list(grads)
         if len(params) != len(grads):
             raise ValueError(f"update_from_grads_ got {len(params)} params and {len(grads)} grads")
+        layout = self._layout
         items, seen = [], set()
         for index, (param, grad) in enumerate(zip(params, grads)):
-            location = phase.locations.get(id(param))
-            if location is None:
+            slot = layout.slot_of.get(id(param))
+            if slot is None:
                 raise ValueError(f"params[{index}] is not a parameter of this optimizer")
-            if id(param) in phase.updated or id(param) in seen:
+            if phase.updated[slot] or slot in seen:
                 raise RuntimeError(f"params[{index}] was already updated in this step")
             if not isinstance(grad, torch.Tensor):
                 raise TypeError(f"grads[{index}] must be a Tensor, got {type(grad).__name__}")
-            seen.add(id(param))
-            items.append((location, grad))
-        # Check every pair before the first bucket is updated, so a bad gradient anywhere leaves
-        # all parameters untouched and the error names the caller's index.
-        ops._check_grads(
-            [local_grad(grad) for _, grad in items],
-            [phase.buckets[bucket_index].tensors[position] for (bucket_index, position), _ in items],
-        )
-        self._apply_first_order(phase, items)
+            tensor, local = layout.tensors[slot], local_grad(grad)
+            if local.shape != tensor.shape or local.device != tensor.device or \
+                    local.dtype not in ops.SUPPORTED_DTYPES:
+                raise ValueError(f"grads[{index}] ({tuple(local.shape)}, {local.dtype}, {local.device}) does not fit "
+                                 f"params[{index}] ({tuple(tensor.shape)}, {tensor.device}); gradients must be "
+                                 f"float32/float16/bfloat16 of the parameter's shape and device")
+            seen.add(slot)
+            items.append((slot, local))
+        phase.flush()
+        for slot, grad in items:
+            phase.add(slot, grad)
+        phase.flush()
