@@ -346,17 +346,21 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
 
 def test_update_readme_replaces_only_the_generated_block(tmp_path):
     results = _results([dict(_kernel("native", 0.25), gbps=1.0, copy_fraction=0.5, vs_mezo=2.0, vs_compile=None)])
-    results.update(schema=report.SCHEMA, created_utc="now", config={"list_model": None}, targets=[], errors=[],
-                   host=None, steps=None, environment={"device_name": "Test GPU", "device": "cuda", "torch_threads": 1,
-                                                       "versions": {"addax_kernels": "0", "torch": "t", "triton": "x"}})
-    (tmp_path / "bench" / "results" / "test-gpu").mkdir(parents=True)
-    report.write_json(results, tmp_path / "bench" / "results" / "test-gpu" / "results.json")
+    results.update(created_utc="now", config={"list_model": None}, targets=[], errors=[], host=None, steps=None,
+                   environment={"device_name": "Test GPU", "device": "cuda", "torch_threads": 1,
+                                "versions": {"addax_kernels": "0", "torch": "t", "triton": "x"}})
+    for slug in ("test-gpu", "cpu-test"):
+        (tmp_path / "bench" / "results" / slug).mkdir(parents=True)
+        summary = report.format_results(results, markdown=True, all_sizes=False)
+        (tmp_path / "bench" / "results" / slug / "summary.md").write_text(summary)
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n{report.README_BEGIN}\nold\n{report.README_END}\ntail\n")
-    assert report.update_readme(str(readme), str(tmp_path / "bench" / "results")) == ["bench/results/test-gpu"]
+    used = report.update_readme(str(readme), str(tmp_path / "bench" / "results"))
+    assert used == ["bench/results/test-gpu", "bench/results/cpu-test"]  # GPUs first
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{report.README_END}\ntail\n") and "old" not in text
-    assert "**Test GPU**" in text and "| perturb | fp32 | 2^26 | native |" in text
+    assert "### Test GPU ([bench/results/test-gpu/](bench/results/test-gpu/))" in text
+    assert "| perturb | fp32 | 2^26 | native |" in text
 
 
 def test_check_script_records_each_phase(tmp_path):

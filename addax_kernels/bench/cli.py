@@ -115,10 +115,10 @@ def run(cfg: SimpleNamespace) -> dict:
     tasks = []
     if "kernels" in cfg.sections:
         tasks += kernel_tasks(cfg, results)
-    if "zo-bench" in cfg.sections and cfg.list_model:
-        tasks += zo_bench_tasks(cfg, results)
     if "host" in cfg.sections:
         tasks += host_tasks(cfg, results)
+    if "zo-bench" in cfg.sections and cfg.list_model:
+        tasks += zo_bench_tasks(cfg, results)
     if "steps" in cfg.sections:
         tasks += step_tasks(cfg, results)
     bar = None

@@ -98,20 +98,22 @@ def kernel_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
     groups = [("tensor", dtype, [(1 << k,)]) for dtype in cfg.dtypes for k in cfg.log2_sizes]
     if cfg.list_model:
         groups.append(("list", cfg.list_dtype, opt_param_shapes(cfg.list_model)))
-    return [(f"{case} {dtype} {_numel(shapes)} elements", partial(_kernel_group, cfg, results, case, dtype, shapes))
-            for case, dtype, shapes in groups]
+    # One compiled function for the run: each new torch.compile wrapper of the same code would
+    # recompile, and past torch._dynamo's recompile limit it silently runs eagerly.
+    compiled = baselines.compiled_perturb() if cfg.compile else None
+    return [(f"{case} {dtype} {_numel(shapes)} elements",
+             partial(_kernel_group, cfg, results, case, dtype, shapes, compiled)) for case, dtype, shapes in groups]
 
 
 def _numel(shapes) -> int:
     return sum(math.prod(shape) for shape in shapes)
 
 
-def _kernel_group(cfg, results: dict, case: str, dtype_name: str, shapes) -> None:
+def _kernel_group(cfg, results: dict, case: str, dtype_name: str, shapes, compiled) -> None:
     dtype, device, numel = DTYPES[dtype_name], cfg.device, _numel(shapes)
     sets = buffer_sets(3 * numel * dtype.itemsize, device)
     params = [weights(shapes, dtype, device, seed=i) for i in range(sets)]
     grads = [weights(shapes, dtype, device, seed=1000 + i) for i in range(sets)] if "addax_update" in cfg.ops else None
-    compiled = baselines.compiled_perturb() if cfg.compile else None
     for op in cfg.ops:
         nbytes = bytes_moved(op, dtype, numel)
         _copy_roofline(cfg, results, dtype_name, nbytes)

@@ -290,7 +290,8 @@ def _tables(results: dict, markdown: bool, all_sizes: bool) -> List[str]:
 
 def format_results(results: dict, markdown: bool = False, all_sizes: bool = True) -> str:
     env = results["environment"]
-    head = (f"addax_kernels {env['versions']['addax_kernels']} on {env['device_name']} ({env['device']}), torch "
+    head = (f"addax_kernels {env['versions']['addax_kernels']} on {env['device_name']} ({env['device']}, "
+            f"{env.get('cpu_count')} CPUs), torch "
             f"{env['versions']['torch']}, triton {env['versions']['triton']}, {env['torch_threads']} torch threads; "
             f"{results['created_utc']}.")
     return "\n".join([f"### {env['device_name']}" if markdown else head, ""] + ([head, ""] if markdown else [])
@@ -318,25 +319,22 @@ def utc_now() -> str:
 
 
 def update_readme(readme: str, results_root: str) -> List[str]:
-    """Replace the README's generated block with the summary of every results folder (GPUs
-    first); returns the folders used.  Folders of an older schema are skipped."""
+    """Replace the README's generated block with every results folder's summary.md, as the tool
+    wrote it (GPUs first, each heading linked to its folder); returns the folders used."""
     sections, used = [], []
-    for path in sorted(glob.glob(os.path.join(results_root, "*", "results.json")),
+    for path in sorted(glob.glob(os.path.join(results_root, "*", "summary.md")),
                        key=lambda p: (os.path.basename(os.path.dirname(p)).startswith("cpu-"), p)):
-        with open(path) as handle:
-            results = json.load(handle)
-        if results.get("schema") != SCHEMA:
-            continue
         folder = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(readme)))
-        sections.append(f"**{results['environment']['device_name']}** ([{folder}/]({folder}/))\n\n"
-                        + format_results(results, markdown=True, all_sizes=False).split("\n", 2)[2])
+        with open(path) as handle:
+            heading, _, body = handle.read().partition("\n")
+        sections.append(f"{heading} ([{folder}/]({folder}/))\n{body.rstrip()}\n")
         used.append(folder)
     with open(readme) as handle:
         text = handle.read()
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"{readme} has no block between {README_BEGIN!r} and {README_END!r}")
-    body = "\n".join(sections) if sections else "No results of this benchmark version are committed yet.\n"
+    body = "\n".join(sections) if sections else "No results are committed yet.\n"
     with open(readme, "w") as handle:
         handle.write(text[:begin + len(README_BEGIN)] + "\n\n" + body + "\n" + text[end:])
     return used
