@@ -5,11 +5,11 @@
 #   bash scripts/gpu_check.sh OUT_DIR
 #
 # Writes five files, at most two folders down:
-#   OUT_DIR/gpu_check.json   device, and per phase: status (passed/failed/timed_out/skipped), exit code,
-#                            seconds, the last summary line
+#   OUT_DIR/gpu_check.json   device, and per phase: status (passed/failed/timed_out/skipped/not_selected),
+#                            exit code, seconds, limit, the last summary line
 #   OUT_DIR/gpu_check.log    every phase's output, one after the other
 #   OUT_DIR/bench/results.json, summary.md, throughput.png   the benchmark's output
-# Exit status 0 only if every phase passed.  Environment (all optional):
+# Exit status 0 only if every selected phase passed.  Environment (all optional):
 #   PYTHON                interpreter (default: .venv/bin/python if present, else python3)
 #   GPU_CHECK_BUDGET_S    seconds for all phases together (default 450, under 8 minutes)
 #   GPU_CHECK_INSTALL     editable (default: pip install --no-build-isolation --no-deps -e .) or
@@ -93,7 +93,12 @@ export -f phase_env phase_build phase_gpu_tests phase_bench phase_suite
 export OUT PYTEST_ARGS BENCH_ARGS
 
 RECORDS=()
-json_string() { "$PYTHON" -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
+json_string() {  # one line of text as a JSON string
+    local text=${1//\\/\\\\}
+    text=${text//\"/\\\"}
+    text=$(printf '%s' "$text" | tr -d '\000-\037')
+    printf '"%s"' "$text"
+}
 
 # run_phase NAME CAP_SECONDS: phase_NAME under min(CAP, what is left of the budget).
 run_phase() {
@@ -101,7 +106,7 @@ run_phase() {
     local left=$(( BUDGET - ($(date +%s) - START) ))
     local limit=$(( cap < left ? cap : left ))
     if [[ " $PHASES " != *" $name "* ]]; then
-        status=skipped note="not in GPU_CHECK_PHASES"
+        status=not_selected note="not in GPU_CHECK_PHASES"
     elif (( limit < 20 )); then
         status=skipped note="budget spent (${left}s left)"
     else
@@ -130,7 +135,9 @@ run_phase suite "$BUDGET"
 
 ELAPSED=$(( $(date +%s) - START ))
 ALL_PASSED=true
-for record in "${RECORDS[@]}"; do [[ $record == *'"status": "passed"'* ]] || ALL_PASSED=false; done
+for record in "${RECORDS[@]}"; do
+    [[ $record == *'"status": "passed"'* || $record == *'"status": "not_selected"'* ]] || ALL_PASSED=false
+done
 {
     printf '{\n "device": %s,\n "cuda": %s,\n "started_utc": "%s",\n "elapsed_s": %s,\n "budget_s": %s,\n' \
         "$(json_string "$DEVICE")" "$([ $HAS_CUDA = 1 ] && echo true || echo false)" \

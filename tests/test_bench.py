@@ -333,6 +333,7 @@ def test_time_limit_skips_and_still_writes(tmp_path, restore_torch_threads):
 
 @pytest.mark.parametrize("argv, message", [
     (["--device", "mps"], "cpu or cuda"),
+    (["--device", "nonsense"], "--device nonsense"),
     (["--ops", "sgd"], "invalid choice"),
     (["--log2-sizes", "x"], "invalid int"),
     (["--seq-len", "4096"], "--seq-len"),
@@ -367,9 +368,9 @@ def test_check_script_records_each_phase(tmp_path):
     env = dict(os.environ, GPU_CHECK_PHASES="env", PYTHON=sys.executable)
     done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, done.stdout + done.stderr  # the skipped phases did not pass
+    assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [(p["name"], p["status"]) for p in summary["phases"]] == [
-        ("env", "passed"), ("build", "skipped"), ("gpu-tests", "skipped"), ("bench", "skipped"), ("suite", "skipped")]
-    assert summary["all_passed"] is False and summary["cuda"] == torch.cuda.is_available()
+    assert [(p["name"], p["status"]) for p in summary["phases"]] == [("env", "passed")] + [
+        (name, "not_selected") for name in ("build", "gpu-tests", "bench", "suite")]
+    assert summary["all_passed"] is True and summary["cuda"] == torch.cuda.is_available()
     assert "==== env" in (tmp_path / "gpu_check.log").read_text()

@@ -69,7 +69,7 @@ def build_parser(prog: str = "python -m addax_kernels bench") -> argparse.Argume
     add("--no-plot", action="store_true")
     add("--no-progress", action="store_true")
     add("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
-        help="only rewrite the README's results block from bench/results/*/results.json")
+        help="only rewrite the README's results block from bench/results/*/summary.md")
     return parser
 
 
@@ -77,7 +77,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     """The arguments with the device's defaults filled in; invalid combinations exit via parser.error."""
     import addax_kernels as ak
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: the benchmark runs on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -87,13 +90,13 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     for key, value in defaults.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    report_ = ak.backend_report(device)
+    availability = ak.backend_report(device)
     if cfg.backends is None:
         skip = "reference" if device.type == "cuda" else "triton"
-        cfg.backends = [name for name, state in report_.items() if state == "available" and name != skip]
+        cfg.backends = [name for name, state in availability.items() if state == "available" and name != skip]
     for name in cfg.backends:
-        if report_[name] != "available":
-            parser.error(f"--backends {name}: {report_[name]}")
+        if availability[name] != "available":
+            parser.error(f"--backends {name}: {availability[name]}")
     if not 2 <= cfg.seq_len <= MAX_POSITIONS:
         parser.error(f"--seq-len must be in [2, {MAX_POSITIONS}], got {cfg.seq_len}")
     cfg.device, cfg.budget_s = device, cfg.budget_ms / 1e3
