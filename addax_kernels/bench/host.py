@@ -1,6 +1,6 @@
 """Host time: microseconds of Python, checks and launches per op call and per optimizer step, on
-a list of 400 tiny tensors shaped like an LLM's parameter list (4 in 5 bf16 matrices, 1 in 5
-fp32 vectors), where the kernels' own work is negligible.
+a list of 400 tensors of 8 elements shaped like an LLM's parameter list (4 in 5 bf16, 1 in 5
+fp32), where the kernels' own work is negligible.
 
 * each op (the state ops with float32 state buffers);
 * ``MeZO.step`` with a closure that returns a constant;
@@ -20,7 +20,7 @@ import torch
 
 import addax_kernels as ak
 
-from .kernels import ALPHA, EPS, LR, MOMENTUM, SEED, ZO_GRAD, guarded, pass_roundings
+from .kernels import ALPHA, EPS, LR, MOMENTUM, SEED, WEIGHT_DECAY, ZO_GRAD, guarded, pass_roundings
 from .timing import host_seconds_per_call
 
 HOST_OPS = ("perturb_", "zo_update_", "addax_update_", "zo_momentum_update_", "zo_adam_update_")
@@ -28,34 +28,40 @@ NUM_TENSORS = 400
 
 
 def llm_shaped_params(device, count: int = NUM_TENSORS, requires_grad: bool = False) -> List[torch.Tensor]:
-    """``count`` tiny tensors: every fifth an fp32 vector of 8 (a norm weight), the rest bf16 8×8."""
+    """``count`` tensors of 8 elements, 4 in 5 bf16 and 1 in 5 fp32 (as an LLM's weights, biases
+    and norm gains), 4×2 matrices and vectors alternating."""
     generator = torch.Generator(device=device).manual_seed(0)
     params = []
     for index in range(count):
-        shape, dtype = ((8,), torch.float32) if index % 5 == 4 else ((8, 8), torch.bfloat16)
+        dtype = torch.float32 if index % 5 == 4 else torch.bfloat16
+        shape = (4, 2) if index % 2 == 0 else (8,)
         param = (torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype)
         params.append(param.requires_grad_(requires_grad))
     return params
 
 
 def op_call(op: str, params: List[torch.Tensor], backend: str, rounding: str = "auto") -> Callable[[], None]:
-    """One call of ``op`` on ``params`` (state buffers and gradients made here, outside the call)."""
+    """A call of ``op`` on ``params`` as an optimizer makes it (a new seed each call, weight decay
+    with a no-decay mask for vectors); state buffers and gradients are made here, not per call."""
     perturb_rounding, update_rounding = pass_roundings(rounding)
-    common = dict(backend=backend, rounding=update_rounding)
+    seeds = itertools.count(SEED)
+    update = dict(backend=backend, rounding=update_rounding, weight_decay=WEIGHT_DECAY,
+                  decay_mask=[p.dim() > 1 for p in params])
     if op == "perturb_":
-        return partial(ak.perturb_, params, SEED, EPS, backend=backend, rounding=perturb_rounding)
+        return lambda: ak.perturb_(params, next(seeds), EPS, backend=backend, rounding=perturb_rounding)
     if op == "zo_update_":
-        return partial(ak.zo_update_, params, SEED, ZO_GRAD, LR, restore=EPS, **common)
+        return lambda: ak.zo_update_(params, next(seeds), ZO_GRAD, LR, restore=EPS, **update)
     if op == "addax_update_":
         grads = [torch.randn_like(p) for p in params]
-        return partial(ak.addax_update_, params, grads, SEED, ZO_GRAD, LR, ALPHA, **common)
+        return lambda: ak.addax_update_(params, grads, next(seeds), ZO_GRAD, LR, ALPHA, **update)
     state = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in range(2)]
     if op == "zo_momentum_update_":
-        return partial(ak.zo_momentum_update_, params, state[0], SEED, ZO_GRAD, LR, MOMENTUM, restore=EPS, **common)
+        return lambda: ak.zo_momentum_update_(params, state[0], next(seeds), ZO_GRAD, LR, MOMENTUM, restore=EPS,
+                                              **update)
     if op == "zo_adam_update_":
         steps = itertools.count(1)
-        return lambda: ak.zo_adam_update_(params, state[0], state[1], SEED, ZO_GRAD, LR, next(steps), restore=EPS,
-                                          **common)
+        return lambda: ak.zo_adam_update_(params, state[0], state[1], next(seeds), ZO_GRAD, LR, next(steps),
+                                          restore=EPS, **update)
     raise ValueError(f"op must be one of {HOST_OPS}, got {op!r}")
 
 
@@ -96,7 +102,7 @@ def measure_step_host_us(what: str, backend: str, device, rounding: str = "auto"
 
 
 def host_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
-    results["host"] = {"tensors": NUM_TENSORS, "layout": "4 in 5 bf16 8x8, 1 in 5 fp32 8", "records": []}
+    results["host"] = {"tensors": NUM_TENSORS, "layout": "8 elements each, 4 in 5 bf16, 1 in 5 fp32", "records": []}
     measures = [(op, partial(measure_op_host_us, op)) for op in HOST_OPS]
     measures += [("MeZO.step", partial(measure_step_host_us, "mezo")),
                  ("Addax FO hooks per backward", partial(measure_step_host_us, "addax-hooks"))]
