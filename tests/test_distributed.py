@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import addax_kernels as ak
 from addax_kernels import distributed as akd
+from addax_kernels import sharding
 from addax_kernels.optim import Addax, MeZO
 
 pytestmark = pytest.mark.skipif(
@@ -468,13 +469,13 @@ def test_all_reduce_mean_needs_a_process_group():
 def test_flat_offset_of_supported_and_unsupported_blocks():
     # Rows 4..6 of a (7, 5) tensor start at flat element 20; a column block of a matrix is
     # not one flat range, a column block of a row vector is.
-    assert akd._flat_offset((7, 5), (3, 5), (4, 0), ()) == 20
-    assert akd._flat_offset((1, 10), (1, 5), (0, 5), ()) == 5
-    assert akd._flat_offset((2, 3, 4), (2, 3, 4), (0, 0, 0), ()) == 0
+    assert sharding._flat_offset((7, 5), (3, 5), (4, 0), ()) == 20
+    assert sharding._flat_offset((1, 10), (1, 5), (0, 5), ()) == 5
+    assert sharding._flat_offset((2, 3, 4), (2, 3, 4), (0, 0, 0), ()) == 0
     with pytest.raises(ValueError, match="Shard\\(0\\)"):
-        akd._flat_offset((4, 6), (4, 3), (0, 3), ())
+        sharding._flat_offset((4, 6), (4, 3), (0, 3), ())
     with pytest.raises(ValueError, match="not one contiguous range"):
-        akd._flat_offset((4, 6), (2, 3), (2, 3), ())
+        sharding._flat_offset((4, 6), (2, 3), (2, 3), ())
 
 
 def test_sharded_perturbation_equals_unsharded(healthy_run):

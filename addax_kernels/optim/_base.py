@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..distributed import is_dtensor, local_shard
+from ..sharding import is_dtensor, local_shard
 from .. import rng
 from ..backends import BACKEND_NAMES
 
