@@ -18,6 +18,7 @@ from addax_kernels.optim._base import ROUNDING_CHOICES
 from . import report
 from .host import host_tasks
 from .kernels import DTYPES, OPS, kernel_tasks, zo_bench_tasks
+from .plot import plot_throughput
 from .steps import MAX_POSITIONS, MODEL_PRESETS, step_tasks
 
 SECTIONS = ("kernels", "zo-bench", "host", "steps")
@@ -124,17 +125,10 @@ def run(cfg: SimpleNamespace) -> dict:
         tasks += zo_bench_tasks(cfg, results)
     if "steps" in cfg.sections:
         tasks += step_tasks(cfg, results)
-    bar = None
-    if not cfg.no_progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(tasks), desc="bench", unit="task", file=sys.stderr, disable=None)
-        except ImportError:
-            pass
+    bar = _progress(tasks, enabled=not cfg.no_progress)
     start = time.monotonic()
-    for label, task in tasks:
-        if bar is not None:
+    for label, task in bar:
+        if bar is not tasks:
             bar.set_postfix_str(label)
         if cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit:
             results["errors"].append({"task": label, "error": "skipped: --time-limit reached"})
@@ -146,10 +140,6 @@ def run(cfg: SimpleNamespace) -> dict:
             break
         except Exception as error:  # one failing part (a missing dependency, a broken backend) is reported
             results["errors"].append({"task": label, "error": f"{type(error).__name__}: {error}"})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     report.derive(results)
     results["targets"] = report.evaluate_targets(results, cfg.device.type, cfg.backends)
 
@@ -160,15 +150,22 @@ def run(cfg: SimpleNamespace) -> dict:
         handle.write(report.format_results(results, markdown=True, all_sizes=False))
     if not cfg.no_plot and any(r["case"] == "tensor" and "error" not in r for r in results["kernels"]):
         try:
-            from .plot import plot_throughput
+            plot_throughput(results, os.path.join(cfg.out, "throughput.png"))
+            written.append(os.path.join(cfg.out, "throughput.png"))
         except ImportError as error:
             print(f"note: no plot ({error}); install matplotlib", file=sys.stderr)
-        else:
-            written.append(os.path.join(cfg.out, "throughput.png"))
-            plot_throughput(results, written[-1])
     print(report.format_results(results))
     print("wrote " + ", ".join(written))
     return results
+
+
+def _progress(tasks, enabled: bool):
+    """A tqdm bar over the tasks on stderr (shown on terminals only), or the tasks themselves."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return tasks
+    return tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=None if enabled else True)
 
 
 def failures(results: dict) -> int:

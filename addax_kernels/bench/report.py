@@ -211,24 +211,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown
                                                           for row in rows])
 
 
-def _size(record: dict, list_model: Optional[str]) -> str:
-    if record["case"] == "list":
-        return f"OPT-{list_model} list ({record['tensors']} tensors)"
-    return format_numel(record["numel"])
-
-
 def kernel_rows(results: dict, all_sizes: bool) -> List[List[str]]:
-    records = results["kernels"]
-    largest = {}
-    for r in records:
-        if r["case"] == "tensor":
-            largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["numel"])
-    list_model = results["config"].get("list_model")
+    records, list_model = results["kernels"], results["config"].get("list_model")
+    largest = {d: max(r["numel"] for r in records if r["case"] == "tensor" and r["dtype"] == d)
+               for d in {r["dtype"] for r in records if r["case"] == "tensor"}}
     rows = []
     for r in records:
         if not all_sizes and r["case"] == "tensor" and r["numel"] != largest[r["dtype"]]:
             continue
-        cells = [r["op"], r["dtype"], _size(r, list_model), r["impl"]]
+        size = f"OPT-{list_model} list ({r['tensors']} tensors)" if r["case"] == "list" else format_numel(r["numel"])
+        cells = [r["op"], r["dtype"], size, r["impl"]]
         if "error" in r:
             rows.append(cells + ["error"] + ["-"] * 5)
             continue
@@ -283,8 +275,14 @@ def _tables(results: dict, markdown: bool, all_sizes: bool) -> List[str]:
             value = "-" if v["value"] is None else f"{v['value']:.3g}"
             parts.append(f"{'* ' if markdown else ''}{v['status']} {v['impl']}: {v['target']} (worst {value})")
         parts.append("")
-    if results["errors"]:
-        parts += ["Errors:", ""] + [f"{'* ' if markdown else ''}{e['task']}: {e['error']}" for e in results["errors"]]
+    failed: Dict[Tuple[str, str], int] = {}
+    for r in results["kernels"] + results["zo_bench"] + ((host or {}).get("records") or []):
+        if "error" in r:
+            failed[(r["impl"], r["error"])] = failed.get((r["impl"], r["error"]), 0) + 1
+    errors = [f"{e['task']}: {e['error']}" for e in results["errors"]]
+    errors += [f"{impl}, {count} measurement(s): {error}" for (impl, error), count in failed.items()]
+    if errors:
+        parts += ["Errors:", ""] + [("* " if markdown else "") + line for line in errors]
     return parts
 
 
