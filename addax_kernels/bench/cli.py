@@ -116,15 +116,11 @@ def run(cfg: SimpleNamespace) -> dict:
                "environment": report.environment(cfg.device),
                "config": {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(cfg).items()},
                "copy": [], "kernels": [], "zo_bench": [], "host": None, "steps": None, "targets": [], "errors": []}
-    tasks = []
-    if "kernels" in cfg.sections:
-        tasks += kernel_tasks(cfg, results)
-    if "host" in cfg.sections:
-        tasks += host_tasks(cfg, results)
-    if "zo-bench" in cfg.sections and cfg.list_model:
-        tasks += zo_bench_tasks(cfg, results)
-    if "steps" in cfg.sections:
-        tasks += step_tasks(cfg, results)
+    # Most wanted first, so that a run cut short by --time-limit keeps the kernels and the steps.
+    steps, last = step_tasks(cfg, results) if "steps" in cfg.sections else ([], [])
+    tasks = kernel_tasks(cfg, results) if "kernels" in cfg.sections else []
+    tasks += steps + (host_tasks(cfg, results) if "host" in cfg.sections else [])
+    tasks += (zo_bench_tasks(cfg, results) if "zo-bench" in cfg.sections and cfg.list_model else []) + last
     bar = _progress(tasks, enabled=not cfg.no_progress)
     start = time.monotonic()
     for label, task in bar:

@@ -59,17 +59,17 @@ def _loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
-def step_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
-    """The step benchmark as (label, task) pairs run in order; they share one model."""
+def step_tasks(cfg, results: dict) -> Tuple[List[Tuple[str, Callable[[], None]]], List[Tuple[str, Callable]]]:
+    """The step benchmark as (label, task) pairs, in two lists run in order with others between
+    them; they share one model.  The second (graph capture, release) comes last in a run: a
+    capture that fails could leave the device in a state later measurements should not meet."""
     state: dict = {}
     tasks = [(f"OPT-{cfg.model_size}: build, forward and backward alone", partial(_setup, cfg, state, results))]
     for algorithm in cfg.steps:
         for impl in ("mezo-reference", "addax_kernels"):  # Addax's hooks stay on the params: package last
             tasks.append((f"{algorithm} step {impl}", partial(_measure_step, cfg, state, results, algorithm, impl)))
-    if cfg.device.type == "cuda":
-        tasks.append(("captured MeZO step", partial(_measure_graphs, cfg, state, results)))
-    tasks.append(("release the model", state.clear))
-    return tasks
+    last = [("captured MeZO step", partial(_measure_graphs, cfg, state, results))] if cfg.device.type == "cuda" else []
+    return tasks, last + [("release the model", state.clear)]
 
 
 def _setup(cfg, state: dict, results: dict) -> None:
