@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"bench": "measure kernel throughput and full MeZO/Addax steps (see --help)"}
+COMMANDS = {"bench": "kernels vs copy roofline and baselines, host time, ZO-Bench updates, full steps (see --help)"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
