@@ -91,6 +91,9 @@ def measure_step_host_us(what: str, backend: str, device, rounding: str = "auto"
         optimizer = MeZO(params, lr=LR, eps=EPS, backend=backend, rounding=rounding)
         return 1e6 * host_seconds_per_call(lambda: optimizer.step(lambda: constant), device, **timing)
 
+    if what != "addax-hooks":
+        raise ValueError(f"what must be 'mezo' or 'addax-hooks', got {what!r}")
+
     def plain_backward():
         _fo_loss(params).backward()
         for param in params:
