@@ -50,6 +50,10 @@ else
 fi
 PYTEST_ARGS="-q -p no:cacheprovider -rfE"
 if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS="$PYTEST_ARGS --timeout=120"; fi
+# Test workers compile Triton kernels side by side (each autotuned variant is several compiles);
+# one torch thread each, since OpenMP threads beyond the cores slow CPU tests by orders of magnitude.
+WORKERS=$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))
+if (( WORKERS >= 2 )) && "$PYTHON" -c "import xdist" 2>/dev/null; then PYTEST_ARGS="$PYTEST_ARGS -n $WORKERS"; fi
 
 # The phases; run_phase runs each in its own bash under a time limit.
 phase_env() {
@@ -84,11 +88,11 @@ report = ak.backend_report('cuda' if torch.cuda.is_available() else 'cpu')
 print(report)
 sys.exit(0 if report['native'] == 'available' else 1)"
 }
-phase_gpu_tests() { "$PYTHON" -m pytest $PYTEST_ARGS tests -k "cuda or gpu"; }
+phase_gpu_tests() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "cuda or gpu"; }
 phase_bench() {  # stops starting measurements at BENCH_TIME_LIMIT and still writes its files
     "$PYTHON" -m addax_kernels bench --out "$OUT/bench" --no-progress --time-limit "$BENCH_TIME_LIMIT" $BENCH_ARGS
 }
-phase_suite() { "$PYTHON" -m pytest $PYTEST_ARGS tests -k "not (cuda or gpu)"; }
+phase_suite() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "not (cuda or gpu)"; }
 export -f phase_env phase_build phase_gpu_tests phase_bench phase_suite
 export OUT PYTEST_ARGS BENCH_ARGS
 
