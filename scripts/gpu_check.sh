@@ -127,7 +127,7 @@ run_phase() {
         note=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$WORK/$name.log" | tail -1)
         [ -n "$note" ] || note=$(grep -v '^\s*$' "$WORK/$name.log" | tail -1)
     fi
-    printf '%-10s %-10s rc=%-4s %4ss  %s\n' "$name" "$status" "$rc" "$seconds" "${note:0:110}"
+    printf '%-10s %-12s rc=%-4s %4ss  %s\n' "$name" "$status" "$rc" "$seconds" "${note:0:110}"
     RECORDS+=("{\"name\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $seconds, \"limit_s\": $limit, \"note\": $(json_string "${note:0:500}")}")
 }
 
