@@ -6,7 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS = {
-    "bench": "measure kernel throughput and full MeZO/Addax steps (see --help)",
+    "bench": "kernels vs copy roofline and baselines, host time, ZO-Bench updates, full steps (see --help)",
     "sass": "count SASS instructions per element of the GPU kernels for an H200, offline (see --help)",
 }
 

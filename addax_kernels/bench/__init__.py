@@ -1,13 +1,8 @@
-"""The benchmark behind ``python -m addax_kernels bench`` (see docs/benchmark.md).
+"""The benchmark behind ``python -m addax_kernels bench`` (docs/benchmark.md).
 
-* :mod:`.kernels` — fused ops vs the copy roofline and MeZO-style PyTorch, per size/dtype;
-* :mod:`.steps` — full MeZO and Addax steps on an OPT model vs MeZO's reference code;
-* :mod:`.timing` — CUDA-event / perf_counter medians with cache-defeating buffer rotation,
-  peak-memory meters;
-* :mod:`.report`, :mod:`.plot` — tables, targets, JSON, summary.md and the PNG.
+* :mod:`.baselines` — the PyTorch code the fused ops replace (MeZO's and ZO-Bench's trainers);
+* :mod:`.kernels` — fused ops vs the copy roofline and the baselines; the ZO-Bench-family updates;
+* :mod:`.host` — host microseconds per op and per optimizer step;
+* :mod:`.steps` — full MeZO and Addax steps on an OPT model built from config, captured graphs;
+* :mod:`.timing` — device time, host time and peak memory; :mod:`.report`, :mod:`.plot` — output.
 """
-
-from .cli import main, run, build_config
-from .kernels import bytes_moved, mezo_addax_update_, mezo_perturb_, mezo_zo_update_
-
-__all__ = ["main", "run", "build_config", "bytes_moved", "mezo_perturb_", "mezo_zo_update_", "mezo_addax_update_"]

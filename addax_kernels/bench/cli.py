@@ -1,401 +1,192 @@
-"""``python -m addax_kernels bench``: arguments, defaults per device, and the run itself."""
+"""``python -m addax_kernels bench``: arguments, defaults per device, the run, the outputs."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
+import signal
 import sys
-from typing import List, Optional, Sequence
+import time
+from types import SimpleNamespace
+from typing import Optional, Sequence
 
 import torch
 
-OP_NAMES = ("perturb", "zo_update", "addax_update")
-DTYPE_ALIASES = {
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16",
-}
-ROUNDING_CHOICES = ("auto", "nearest", "stochastic")
-STEP_ALGORITHMS = ("mezo", "addax")
+from addax_kernels.backends import BACKEND_NAMES
+from addax_kernels.optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES
 
-# Defaults per device type; --quick swaps in the "quick" entries.
+from . import report
+from .host import host_tasks
+from .kernels import DTYPES, OPS, kernel_tasks, zo_bench_tasks
+from .plot import plot_throughput
+from .steps import MAX_POSITIONS, MODEL_PRESETS, step_tasks
+
+SECTIONS = ("kernels", "zo-bench", "host", "steps")
 DEFAULTS = {
-    "cpu": dict(sizes=[1 << k for k in (16, 18, 20, 22)], repeats=10, warmup=1, time_budget=1.0,
-                model_size="small", step_dtype="fp32", batch_size=4, seq_len=128, step_repeats=3, step_warmup=1),
-    "cuda": dict(sizes=[1 << k for k in range(16, 29, 2)], repeats=50, warmup=5, time_budget=1.0,
-                 model_size="125m", step_dtype="bf16", batch_size=16, seq_len=256, step_repeats=10, step_warmup=2),
+    "cpu": dict(log2_sizes=[16, 18, 20, 22], dtypes=["fp32", "fp16", "bf16"], list_model="small", budget_ms=300,
+                compile=False, model_size="small", step_dtype="fp32", batch_size=4, seq_len=128),
+    "cuda": dict(log2_sizes=[24, 25, 26, 27, 28], dtypes=["fp32", "bf16"], list_model="1.3b", budget_ms=100,
+                 compile=True, model_size="1.3b", step_dtype="bf16", batch_size=16, seq_len=256),
 }
-QUICK = {
-    "cpu": dict(sizes=[1 << 14, 1 << 16], repeats=3, warmup=1, time_budget=0.5,
-                model_size="tiny", batch_size=2, seq_len=32, step_repeats=2, step_warmup=1),
-    "cuda": dict(sizes=[1 << 20, 1 << 24], repeats=10, warmup=2, time_budget=0.5,
-                 model_size="125m", batch_size=4, seq_len=128, step_repeats=3, step_warmup=1),
+QUICK = {  # --quick: a smoke run
+    "cpu": dict(log2_sizes=[14, 16], list_model="tiny", budget_ms=30, model_size="tiny", batch_size=2, seq_len=32),
+    "cuda": dict(log2_sizes=[20, 24], list_model="125m", budget_ms=50, model_size="125m", batch_size=4, seq_len=128),
 }
 
 
-class BenchArgumentError(ValueError):
-    """A command-line value is invalid; the message says which and why."""
+def build_parser(prog: str = "python -m addax_kernels bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Fused ZO kernels against the copy roofline, MeZO-style PyTorch and torch.compile; ZO-Bench-family "
+        "updates against ZO-Bench's code; host time per op and step; full MeZO/Addax steps on an OPT model."))
+    presets = sorted(MODEL_PRESETS)
+    add = parser.add_argument
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
+    add("--backends", nargs="+", choices=BACKEND_NAMES, default=None,
+        help="default: every available one except reference on CUDA and Triton's interpreter on the CPU")
+    add("--ops", nargs="+", choices=OPS, default=list(OPS))
+    add("--dtypes", nargs="+", choices=sorted(DTYPES), default=None, help="default: all on CPU, fp32 bf16 on CUDA")
+    add("--log2-sizes", nargs="+", type=int, default=None, metavar="K",
+        help="tensor sizes 2^K elements (default: 16 18 20 22 on CPU, 24 25 26 27 28 on CUDA)")
+    add("--list-model", choices=presets + ["none"], default=None,
+        help="the OPT parameter list measured as a list case and for the ZO-Bench rows (default: small on CPU, "
+             "1.3b on CUDA)")
+    add("--list-dtype", choices=sorted(DTYPES), default="bf16")
+    add("--rounding", choices=ROUNDING_CHOICES, default=DEFAULT_ROUNDING, help="the optimizers' rounding policy")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile baseline for perturb (default: on CUDA only; on the CPU it compiles C++)")
+    add("--budget-ms", type=float, default=None, help="timed milliseconds per measurement")
+    add("--threads", type=int, default=None, help="torch.set_num_threads")
+    add("--model-size", choices=presets, default=None, help="OPT shape of the step benchmark")
+    add("--step-dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    add("--steps", nargs="+", choices=("mezo", "addax"), default=["mezo", "addax"])
+    add("--batch-size", type=int, default=None)
+    add("--seq-len", type=int, default=None, help="ZO batch sequence length; the FO batch uses half")
+    add("--step-backend", choices=("auto",) + BACKEND_NAMES, default="auto")
+    add("--quick", action="store_true", help="small sizes and model, short measurements")
+    add("--time-limit", type=float, default=None, metavar="SECONDS",
+        help="start no measurement after this many seconds (the rest is reported as skipped)")
+    add("--out", default=None, help="output folder (default: bench/results/<device-slug>/)")
+    add("--no-plot", action="store_true")
+    add("--no-progress", action="store_true")
+    add("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
+        help="only rewrite the README's results block from bench/results/*/summary.md")
+    return parser
 
 
-def _split(text: str) -> List[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _parse_count(token: str) -> int:
-    token = token.strip().lower()
-    match = re.fullmatch(r"2\s*(?:\^|\*\*)\s*(\d+)", token)
-    if match:
-        return 1 << int(match.group(1))
-    match = re.fullmatch(r"(\d+)\s*([kmg]?)", token)
-    if match:
-        return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2)]
-    raise BenchArgumentError(f"cannot read size {token!r}: use an integer, 2^K, or a suffix k/m/g (powers of 1024)")
-
-
-def parse_sizes(text: str) -> List[int]:
-    """Sizes in elements: ``65536,2^20,4m`` or a range ``2^16..2^24[:step]`` of powers of two.
-
-    The range's optional step is in powers of two (``2^16..2^24:2`` = 2^16, 2^18, ..., 2^24).
-    """
-    sizes: List[int] = []
-    for item in _split(text):
-        match = re.fullmatch(r"2\^(\d+)\.\.2\^(\d+)(?::(\d+))?", item.replace(" ", ""))
-        if match:
-            low, high, step = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1)
-            if low > high or step < 1:
-                raise BenchArgumentError(f"size range {item!r} must go upward with a positive step")
-            sizes += [1 << k for k in range(low, high + 1, step)]
-        else:
-            sizes.append(_parse_count(item))
-    if not sizes:
-        raise BenchArgumentError("--sizes is empty")
-    for size in sizes:
-        if size < 1 or size >= 1 << 40:
-            raise BenchArgumentError(f"size {size} is outside [1, 2^40)")
-    return sorted(set(sizes))
-
-
-def parse_choices(text: str, choices: Sequence[str], what: str, aliases: Optional[dict] = None) -> List[str]:
-    result = []
-    for item in _split(text):
-        name = item.lower().rstrip("_") if what == "op" else item.lower()
-        name = (aliases or {}).get(name, name)
-        if name not in choices:
-            raise BenchArgumentError(f"unknown {what} {item!r}: choose from {', '.join(choices)}")
-        if name not in result:
-            result.append(name)
-    if not result:
-        raise BenchArgumentError(f"no {what} given")
-    return result
-
-
-def parse_device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise BenchArgumentError(f"--device {text!r} is not a device: {error}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchArgumentError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise BenchArgumentError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type != "cpu":
-        raise BenchArgumentError(f"--device {text!r}: the benchmark runs on cpu or cuda devices")
-    return device
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def positive_int(text):
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-        return value
-
-    def non_negative_int(text):
-        value = int(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    def positive_float(text):
-        value = float(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    from .steps import MODEL_PRESETS
-
-    what = parser.add_argument_group("what to measure")
-    what.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    what.add_argument("--backends", default=None,
-                      help="comma list of reference,triton,native, or 'all' (default: every available backend "
-                           "except, on CPU, Triton's interpreter, which runs only when named and TRITON_INTERPRET=1 "
-                           "is set before the command starts)")
-    what.add_argument("--ops", default=",".join(OP_NAMES), help=f"comma list of {', '.join(OP_NAMES)}")
-    what.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32, fp16, bf16")
-    what.add_argument("--sizes", default=None,
-                      help="elements per tensor: '65536,2^20,4m' or '2^16..2^24:2' (default: 2^16..2^22 on CPU, "
-                           "2^16..2^28 on GPU, capped by free memory)")
-    what.add_argument("--rounding", default="auto", choices=ROUNDING_CHOICES,
-                      help="storage rounding of the fused ops; auto = the optimizers' default: nearest for "
-                           "perturbations, stochastic for fp16/bf16 updates")
-    what.add_argument("--no-kernels", action="store_true", help="skip the kernel-level benchmark")
-    what.add_argument("--no-steps", action="store_true", help="skip the step-level benchmark")
-    what.add_argument("--quick", action="store_true", help="small sizes, few repeats, tiny model: a smoke run")
-
-    timing = parser.add_argument_group("timing")
-    timing.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per case (maximum)")
-    timing.add_argument("--warmup", type=non_negative_int, default=None, help="untimed warm-up calls per case")
-    timing.add_argument("--time-budget", type=positive_float, default=None,
-                        help="seconds of timed repeats per case: slow cases get fewer repeats, never below min(3, --repeats)")
-    timing.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads for CPU runs")
-
-    steps = parser.add_argument_group("step level")
-    steps.add_argument("--model-size", default=None, choices=sorted(MODEL_PRESETS),
-                       help="OPT shape (default: small on CPU, 125m on GPU)")
-    steps.add_argument("--step-dtype", default=None, help="model dtype: fp32, fp16 or bf16 (default: fp32 on CPU, "
-                                                          "bf16 on GPU)")
-    steps.add_argument("--steps", default=",".join(STEP_ALGORITHMS), help="comma list of mezo, addax")
-    steps.add_argument("--batch-size", type=positive_int, default=None)
-    steps.add_argument("--seq-len", type=positive_int, default=None,
-                       help="ZO batch sequence length; the Addax FO batch uses half of it")
-    steps.add_argument("--step-repeats", type=positive_int, default=None, help="timed steps per variant")
-    steps.add_argument("--step-warmup", type=non_negative_int, default=None, help="untimed steps per variant")
-    steps.add_argument("--step-backend", default="auto", help="backend the optimizers use (default: auto)")
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", default=None, help="output folder (default: bench/results/<device-slug>/)")
-    output.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _available_memory_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            match = re.search(r"^MemAvailable:\s+(\d+) kB", handle.read(), re.MULTILINE)
-        return int(match.group(1)) << 10 if match else None
-    except OSError:
-        return None
-
-
-def resolve_backends(spec: Optional[str], device: torch.device) -> List[str]:
+def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SimpleNamespace:
+    """The arguments with the device's defaults filled in; invalid combinations exit via parser.error."""
     import addax_kernels as ak
-    from addax_kernels.backends import BACKEND_NAMES
-
-    report = ak.backend_report(device)
-    available = [name for name, state in report.items() if state == "available"]
-    if spec is None:
-        chosen = [name for name in available if not (device.type == "cpu" and name == "triton")]
-    elif spec.strip().lower() == "all":
-        chosen = available
-    else:
-        chosen = parse_choices(spec, BACKEND_NAMES, "backend")
-        for name in chosen:
-            if report[name] != "available":
-                hint = ""
-                if name == "triton" and device.type == "cpu":
-                    # torch imports triton before this code runs, so the variable cannot be set from here.
-                    hint = " (in the environment: TRITON_INTERPRET=1 python -m addax_kernels bench ...)"
-                raise BenchArgumentError(f"backend {name!r} cannot run on {device}: {report[name]}{hint}")
-    if not chosen:
-        raise BenchArgumentError(f"no backend can run on {device}: {report}")
-    return chosen
-
-
-def build_config(args: argparse.Namespace) -> dict:
-    """Validate the arguments and fill in the device's defaults; raises BenchArgumentError."""
-    from .kernels import DTYPES, max_numel_for_memory
-    from .steps import MAX_POSITIONS
-
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = dict(DEFAULTS[device.type])
-    if args.quick:
-        defaults.update(QUICK[device.type])
-
-    config = {
-        "device": device,
-        "run_kernels": not args.no_kernels,
-        "run_steps": not args.no_steps,
-        "quick": args.quick,
-        "rounding": args.rounding,
-        "repeats": args.repeats or defaults["repeats"],
-        "warmup": defaults["warmup"] if args.warmup is None else args.warmup,
-        "time_budget_s": args.time_budget or defaults["time_budget"],
-        "skipped_sizes": [],
-        "threads": args.threads,
-    }
-    if not config["run_kernels"] and not config["run_steps"]:
-        raise BenchArgumentError("--no-kernels and --no-steps together leave nothing to measure")
-
-    if config["run_kernels"]:
-        config["backends"] = resolve_backends(args.backends, device)
-        config["ops"] = parse_choices(args.ops, OP_NAMES, "op")
-        config["dtypes"] = parse_choices(args.dtypes, tuple(DTYPES), "dtype", DTYPE_ALIASES)
-        sizes = parse_sizes(args.sizes) if args.sizes else list(defaults["sizes"])
-        available = _available_memory_bytes(device)
-        if available is not None:
-            limit = min(max_numel_for_memory(DTYPES[d], config["ops"], available) for d in config["dtypes"])
-            config["skipped_sizes"] = [s for s in sizes if s > limit]
-            sizes = [s for s in sizes if s <= limit]
-            if not sizes:
-                raise BenchArgumentError(
-                    f"no size fits in the {available / 2**30:.1f} GiB free on {device} (largest that fits: {limit})"
-                )
-        config["sizes"] = sizes
-
-    if config["run_steps"]:
-        step_dtype = args.step_dtype or defaults["step_dtype"]
-        config["step_dtype"] = parse_choices(step_dtype, tuple(DTYPES), "step dtype", DTYPE_ALIASES)[0]
-        if len(_split(step_dtype)) != 1:
-            raise BenchArgumentError("--step-dtype takes one dtype")
-        config["steps"] = parse_choices(args.steps, STEP_ALGORITHMS, "step algorithm")
-        config["model_size"] = args.model_size or defaults["model_size"]
-        config["batch_size"] = args.batch_size or defaults["batch_size"]
-        config["seq_len"] = args.seq_len or defaults["seq_len"]
-        if config["seq_len"] > MAX_POSITIONS:
-            raise BenchArgumentError(f"--seq-len {config['seq_len']} exceeds OPT's {MAX_POSITIONS} positions")
-        if config["seq_len"] < 2:
-            raise BenchArgumentError("--seq-len must be at least 2 (the causal LM loss needs a next token)")
-        config["step_repeats"] = args.step_repeats or defaults["step_repeats"]
-        config["step_warmup"] = defaults["step_warmup"] if args.step_warmup is None else args.step_warmup
-        config["step_backend"] = args.step_backend
-        if args.step_backend != "auto":
-            import addax_kernels as ak
-
-            report = ak.backend_report(device)
-            if args.step_backend not in report:
-                raise BenchArgumentError(f"--step-backend must be auto or one of {', '.join(report)}")
-            if report[args.step_backend] != "available":
-                raise BenchArgumentError(f"--step-backend {args.step_backend}: {report[args.step_backend]}")
-
-    from .report import device_slug
-
-    config["out"] = args.out or os.path.join("bench", "results", device_slug(device))
-    config["plot"] = not args.no_plot
-    config["progress"] = not args.no_progress
-    return config
-
-
-class _NoProgress:
-    """Stands in for a tqdm bar when it is switched off or tqdm is not installed."""
-
-    def update(self, count: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr (tqdm shows it on terminals only)."""
-    if not enabled:
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True)
-
-
-def run(config: dict) -> dict:
-    """Run the benchmark described by ``config`` (from :func:`build_config`); write outputs."""
-    from . import report
-    from .kernels import DTYPES, KernelSettings, count_cases, run_kernel_benchmarks
-    from .steps import StepSettings, count_steps, run_step_benchmarks
-    from .timing import PeakMemoryMeter
-
-    device = config["device"]
-    if config.get("threads") is not None:
-        torch.set_num_threads(config["threads"])
-    os.makedirs(config["out"], exist_ok=True)
-    memory = PeakMemoryMeter(device)
-    results = {
-        "schema": report.SCHEMA,
-        "created_utc": report.utc_now(),
-        "command": " ".join(["python -m addax_kernels bench", *config.get("argv", [])]),
-        "environment": report.environment(device),
-        "config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in config.items()},
-        "memory_method": None,
-        "copy": [], "mezo": [], "kernels": [], "steps": None, "targets": [],
-    }
-    for size in config["skipped_sizes"]:
-        print(f"note: size {size} skipped: it does not fit in free memory on {device}", file=sys.stderr)
-
-    kernel_settings = step_settings = None
-    total = 0
-    if config["run_kernels"]:
-        kernel_settings = KernelSettings(
-            device=device, backends=tuple(config["backends"]), ops=tuple(config["ops"]),
-            dtypes=tuple(DTYPES[d] for d in config["dtypes"]), sizes=tuple(config["sizes"]),
-            warmup=config["warmup"], repeats=config["repeats"], time_budget_s=config["time_budget_s"],
-            rounding=config["rounding"],
-        )
-        total += count_cases(kernel_settings)
-    if config["run_steps"]:
-        step_settings = StepSettings(
-            device=device, model_size=config["model_size"], dtype=DTYPES[config["step_dtype"]],
-            batch_size=config["batch_size"], seq_len=config["seq_len"], warmup=config["step_warmup"],
-            repeats=config["step_repeats"], backend=config["step_backend"], rounding=config["rounding"],
-        )
-        total += count_steps(config["steps"])
-
-    bar = _progress_bar(total, config["progress"])
-
-    def progress(label: str) -> None:
-        bar.set_postfix_str(label)
-        bar.update(1)
 
     try:
-        if kernel_settings is not None:
-            results.update(run_kernel_benchmarks(kernel_settings, progress, memory))
-            results["targets"] = report.evaluate_targets(results["kernels"], device)
-        if step_settings is not None:
-            results["steps"] = run_step_benchmarks(step_settings, tuple(config["steps"]), progress, memory)
-    finally:
-        bar.close()
-    memory.finish()
-    results["memory_method"] = memory.method if memory.available else f"not measured ({memory.reason_unavailable})"
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the benchmark runs on cpu or cuda devices")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    cfg = SimpleNamespace(**vars(args))
+    defaults = dict(DEFAULTS[device.type], **(QUICK[device.type] if args.quick else {}))
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    availability = ak.backend_report(device)
+    if cfg.backends is None:
+        skip = "reference" if device.type == "cuda" else "triton"
+        cfg.backends = [name for name, state in availability.items() if state == "available" and name != skip]
+    for name in cfg.backends:
+        if availability[name] != "available":
+            parser.error(f"--backends {name}: {availability[name]}")
+    if not 2 <= cfg.seq_len <= MAX_POSITIONS:
+        parser.error(f"--seq-len must be in [2, {MAX_POSITIONS}], got {cfg.seq_len}")
+    cfg.device, cfg.budget_s = device, cfg.budget_ms / 1e3
+    cfg.step_dtype = DTYPES[cfg.step_dtype]
+    cfg.list_model = None if cfg.list_model == "none" else cfg.list_model
+    cfg.out = cfg.out or os.path.join("bench", "results", report.device_slug(device))
+    return cfg
 
-    json_path = os.path.join(config["out"], "results.json")
-    summary_path = os.path.join(config["out"], "summary.md")
-    report.write_json(results, json_path)
-    with open(summary_path, "w") as handle:
-        handle.write(report.format_summary(results))
-    written = [json_path, summary_path]
-    if config["plot"] and results["kernels"]:
+
+def run(cfg: SimpleNamespace) -> dict:
+    """Measure what ``cfg`` selects, write results.json, summary.md and throughput.png."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    results = {"schema": report.SCHEMA, "created_utc": report.utc_now(),
+               "command": " ".join(["python -m addax_kernels bench"] + getattr(cfg, "argv", [])),
+               "environment": report.environment(cfg.device),
+               "config": {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(cfg).items()},
+               "copy": [], "kernels": [], "zo_bench": [], "host": None, "steps": None, "targets": [], "errors": []}
+    # Most wanted first, so that a run cut short by --time-limit keeps the kernels and the steps.
+    steps, last = step_tasks(cfg, results) if "steps" in cfg.sections else ([], [])
+    tasks = kernel_tasks(cfg, results) if "kernels" in cfg.sections else []
+    tasks += steps + (host_tasks(cfg, results) if "host" in cfg.sections else [])
+    tasks += (zo_bench_tasks(cfg, results) if "zo-bench" in cfg.sections and cfg.list_model else []) + last
+    bar = _progress(tasks, enabled=not cfg.no_progress)
+    start = time.monotonic()
+    for label, task in bar:
+        if bar is not tasks:
+            bar.set_postfix_str(label)
+        if cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit:
+            results["errors"].append({"task": label, "error": "skipped: --time-limit reached"})
+            continue
         try:
-            from .plot import plot_throughput
+            task()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was measured
+            results["errors"].append({"task": label, "error": "interrupted"})
+            break
+        except Exception as error:  # one failing part (a missing dependency, a broken backend) is reported
+            results["errors"].append({"task": label, "error": f"{type(error).__name__}: {error}"})
+    report.derive(results)
+    results["targets"] = report.evaluate_targets(results, cfg.device.type, cfg.backends)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    written = [os.path.join(cfg.out, "results.json"), os.path.join(cfg.out, "summary.md")]
+    report.write_json(results, written[0])
+    with open(written[1], "w") as handle:
+        handle.write(report.format_results(results, markdown=True, all_sizes=False))
+    if not cfg.no_plot and any(r["case"] == "tensor" and "error" not in r for r in results["kernels"]):
+        try:
+            plot_throughput(results, os.path.join(cfg.out, "throughput.png"))
+            written.append(os.path.join(cfg.out, "throughput.png"))
         except ImportError as error:
             print(f"note: no plot ({error}); install matplotlib", file=sys.stderr)
-        else:
-            plot_path = os.path.join(config["out"], "throughput.png")
-            plot_throughput(results, plot_path)
-            written.append(plot_path)
-    print(report.format_report(results))
-    print("\nwrote " + ", ".join(written))
+    print(report.format_results(results))
+    print("wrote " + ", ".join(written))
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kernels bench") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Measure the fused ZO kernels against the copy roofline and MeZO-style PyTorch, "
-                    "and full MeZO/Addax steps against the MeZO-reference implementation.",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def _progress(tasks, enabled: bool):
+    """A tqdm bar over the tasks on stderr (shown on terminals only), or the tasks themselves."""
     try:
-        config = build_config(args)
-    except BenchArgumentError as error:
-        parser.error(str(error))
-    config["argv"] = list(sys.argv[1:] if argv is None else argv)
-    run(config)
-    return 0
+        from tqdm import tqdm
+    except ImportError:
+        return tasks
+    return tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=None if enabled else True)
+
+
+def failures(results: dict) -> int:
+    """Failed tasks and measurements (graph rows excluded: an optimizer may not offer capture)."""
+    records = results["kernels"] + results["zo_bench"] + ((results["host"] or {}).get("records") or [])
+    return len(results["errors"]) + sum("error" in r for r in records)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kernels bench") -> int:
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.update_readme:
+        used = report.update_readme(args.update_readme, os.path.join(os.path.dirname(args.update_readme) or ".",
+                                                                     "bench", "results"))
+        print(f"{args.update_readme}: results block from {', '.join(used) or 'no results folder'}")
+        return 0
+    cfg = build_config(args, parser)
+    cfg.argv = argv
+    signal.signal(signal.SIGTERM, _interrupt)  # a time-boxed run (timeout) still writes its results
+    failed = failures(run(cfg))
+    if failed:
+        print(f"{failed} measurement(s) failed: see the errors above and in results.json", file=sys.stderr)
+    return 1 if failed else 0
