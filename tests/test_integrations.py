@@ -30,6 +30,7 @@ from addax_kernels.integrations.mezo_adapter import (
     zo_bench_unserved_setting,
 )
 from addax_kernels.optim import decayed_parameter_names, no_decay_param_groups
+from addax_kernels.optim.seeds import ROUNDING_STREAM, derive_seed
 
 transformers = pytest.importorskip("transformers")
 
@@ -204,9 +205,47 @@ def test_adapter_update_is_zo_update_op(generator, dtype):
     adapter.zo_update()
     mask = [mezo_decays(name) for name, _ in named]
     assert mask == [True, False, False, True]
+    # The first pass of a step rounds with rounding stream 0 of the step's seed.
     addax_kernels.zo_update_(
-        expected, 2024, -0.75, 0.05, weight_decay=0.1, decay_mask=mask, rounding="stochastic"
+        expected, 2024, -0.75, 0.05, weight_decay=0.1, decay_mask=mask, rounding="stochastic",
+        rounding_seed=derive_seed(2024, 0, ROUNDING_STREAM),
     )
+    for (name, p), want in zip(named, expected):
+        assert torch.equal(p.detach(), want), name
+
+
+@pytest.mark.parametrize("policy, scales, perturb_rounding", [
+    ("restored", (1, -1, -1, 1), "nearest"),
+    ("auto", (1, -2, 1), "nearest"),
+    ("stochastic", (1, -2, 1), "stochastic"),
+])
+def test_adapter_zo_step_passes_follow_the_rounding_policy(generator, policy, scales, perturb_rounding):
+    """zo_step on bf16 parameters runs the passes of the policy (addax_kernels.optim.rounding),
+    each with its own rounding seed; the two losses are taken after the first and the third
+    (``"restored"``) or second pass."""
+    named = named_tensors(generator, torch.bfloat16)
+    expected = [p.detach().clone() for _, p in named]
+    losses = []
+
+    def loss_fn(model, inputs):
+        losses.append([p.detach().clone() for _, p in named])
+        return torch.tensor(float(len(losses)))
+
+    adapter = MeZOAdapter(eps=1e-2, loss_fn=loss_fn, rounding=policy)
+    model = torch.nn.Module()
+    for index, (_, p) in enumerate(named):
+        model.register_parameter(f"p{index}", p)
+    np.random.seed(11)
+    seed = np.random.RandomState(11).randint(1_000_000_000)
+    adapter.zo_step(model, None)
+
+    loss_after = {1: 0, len(scales) - 1: 1}
+    for number, scale in enumerate(scales):
+        addax_kernels.perturb_(expected, seed, scale * 1e-2, rounding=perturb_rounding,
+                               rounding_seed=derive_seed(seed, 0, ROUNDING_STREAM + number))
+        if number + 1 in loss_after:
+            for got, want in zip(losses[loss_after[number + 1]], expected):
+                assert torch.equal(got, want), (policy, number)
     for (name, p), want in zip(named, expected):
         assert torch.equal(p.detach(), want), name
 

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 
 from ..backends import BACKEND_NAMES
-from ..ops import ROUNDING_MODES, addax_update_, perturb_, zo_update_
+from ..ops import addax_update_, perturb_, zo_update_
 from ..optim import mezo_decays
+from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES, pass_roundings
+from ..optim.seeds import ROUNDING_STREAM, derive_seed
 from ..rng import NOISE_KINDS
 
 __all__ = ["MeZOKernelsMixin", "MeZOAdapter", "MeZOArguments", "mezo_decays", "zo_bench_unserved_setting"]
 
-# "auto": perturbations round to nearest, updates stochastically (SPEC §2).
-ROUNDING_CHOICES = ("auto",) + ROUNDING_MODES
 BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 
 # MeZO draws each step's seed as np.random.randint(1000000000).
@@ -98,6 +98,12 @@ def zo_bench_unserved_setting(args: Any) -> Optional[str]:
     return None
 
 
+def _checked_rounding(rounding: Any, name: str) -> str:
+    if rounding not in ROUNDING_CHOICES:
+        raise ValueError(f"{name} must be one of {ROUNDING_CHOICES}, got {rounding!r}")
+    return rounding
+
+
 def _check_zo_bench_host(args: Any) -> None:
     setting = zo_bench_unserved_setting(args)
     if setting is not None:
@@ -118,9 +124,12 @@ class MeZOKernelsMixin:
     as MeZO does) and ``self.args.gradient_accumulation_steps`` (must be 1, as in MeZO).
 
     The kernel settings are class attributes, overridable per subclass or instance:
-    ``zo_noise`` ("gaussian" or "rademacher"), ``zo_rounding`` ("auto": perturbations round to
-    nearest, updates of bf16/fp16 parameters round stochastically — see SPEC §2; or
-    "nearest"/"stochastic" for both), ``zo_backend``.
+    ``zo_noise`` ("gaussian" or "rademacher"), ``zo_rounding`` (a policy of
+    ``addax_kernels.optim.ROUNDING_CHOICES``, the optimizers' default by default: see
+    docs/optimizers.md; under ``"restored"`` with bf16/fp16 parameters :meth:`zo_step` undoes
+    each perturbation by a pass of its own, +ε, −ε, −ε, +ε, instead of MeZO's +ε, −2ε, +ε),
+    ``zo_backend``.  Every pass of a step rounds with its own ``rounding_seed``, derived from
+    ``zo_random_seed`` and the pass number (SPEC §2).
 
     On ZO-Bench's trainer every method first checks ``self.args`` with
     :func:`zo_bench_unserved_setting` and raises a ValueError naming a setting it cannot serve.
@@ -130,7 +139,7 @@ class MeZOKernelsMixin:
     """
 
     zo_noise: str = "gaussian"
-    zo_rounding: str = "auto"
+    zo_rounding: str = DEFAULT_ROUNDING
     zo_backend: str = "auto"
 
     named_parameters_to_optim: List[Tuple[str, torch.nn.Parameter]]
@@ -151,7 +160,8 @@ class MeZOKernelsMixin:
             seed,
             float(scaling_factor) * float(self.args.zo_eps),
             noise=self.zo_noise,
-            rounding=self._zo_rounding_for("perturb"),
+            rounding=self._zo_roundings().perturb,
+            rounding_seed=self._next_rounding_seed(seed),
             backend=self.zo_backend,
         )
 
@@ -169,10 +179,17 @@ class MeZOKernelsMixin:
             raise ValueError(f"MeZO's zo_step has no gradient accumulation: gradient_accumulation_steps={accumulation}")
         self.named_parameters_to_optim = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.zo_random_seed = int(np.random.randint(_MEZO_SEED_BOUND))
+        self._zo_pass = 0
+        separate_restore = self._zo_roundings().separate_restore and any(
+            p.dtype in (torch.bfloat16, torch.float16) for _, p in self.named_parameters_to_optim)
 
         self.zo_perturb_parameters(scaling_factor=1)
         loss_plus = self.zo_forward(model, inputs)
-        self.zo_perturb_parameters(scaling_factor=-2)
+        if separate_restore:
+            self.zo_perturb_parameters(scaling_factor=-1)
+            self.zo_perturb_parameters(scaling_factor=-1)
+        else:
+            self.zo_perturb_parameters(scaling_factor=-2)
         loss_minus = self.zo_forward(model, inputs)
         self.projected_grad = ((loss_plus - loss_minus) / (2 * self.args.zo_eps)).item()
         self.zo_perturb_parameters(scaling_factor=1)
@@ -195,7 +212,8 @@ class MeZOKernelsMixin:
             weight_decay=float(self.args.weight_decay),
             decay_mask=[mezo_decays(name) for name in names],
             noise=self.zo_noise,
-            rounding=self._zo_rounding_for("update"),
+            rounding=self._zo_roundings().update,
+            rounding_seed=self._next_rounding_seed(self.zo_random_seed),
             backend=self.zo_backend,
         )
         scheduler = getattr(self, "lr_scheduler", None)
@@ -212,7 +230,8 @@ class MeZOKernelsMixin:
         names_params = self.named_parameters_to_optim
         lr = self._get_learning_rate()
         wd = float(self.args.weight_decay)
-        rounding = self._zo_rounding_for("update")
+        rounding = self._zo_roundings().update
+        rounding_seed = self._next_rounding_seed(self.zo_random_seed)
         with_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is not None]
         without_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is None]
         if with_grad:
@@ -228,6 +247,7 @@ class MeZOKernelsMixin:
                 tids=[i for i, _, _ in with_grad],
                 noise=self.zo_noise,
                 rounding=rounding,
+                rounding_seed=rounding_seed,
                 backend=self.zo_backend,
             )
             for _, _, p in with_grad:
@@ -243,6 +263,7 @@ class MeZOKernelsMixin:
                 tids=[i for i, _, _ in without_grad],
                 noise=self.zo_noise,
                 rounding=rounding,
+                rounding_seed=rounding_seed,
                 backend=self.zo_backend,
             )
         scheduler = getattr(self, "lr_scheduler", None)
@@ -260,12 +281,16 @@ class MeZOKernelsMixin:
             )
         return [p for _, p in params]
 
-    def _zo_rounding_for(self, stage: str) -> str:
-        if self.zo_rounding not in ROUNDING_CHOICES:
-            raise ValueError(f"zo_rounding must be one of {ROUNDING_CHOICES}, got {self.zo_rounding!r}")
-        if self.zo_rounding != "auto":
-            return self.zo_rounding
-        return "nearest" if stage == "perturb" else "stochastic"
+    def _zo_roundings(self):
+        return pass_roundings(_checked_rounding(self.zo_rounding, "zo_rounding"))
+
+    def _next_rounding_seed(self, seed: int) -> int:
+        """The rounding seed of the next pass of this step: pass p of the step of ``seed`` rounds
+        with stream ``ROUNDING_STREAM + p`` of the optimizers' seed derivation (SPEC §2: the passes
+        of a step must draw independent rounding words)."""
+        number = getattr(self, "_zo_pass", 0)
+        self._zo_pass = number + 1
+        return derive_seed(seed, 0, ROUNDING_STREAM + number)
 
 
 @dataclass
@@ -309,15 +334,14 @@ class MeZOAdapter(MeZOKernelsMixin):
         weight_decay: float = 0.0,
         loss_fn: Optional[Callable[[torch.nn.Module, Any], torch.Tensor]] = None,
         noise: str = "gaussian",
-        rounding: str = "auto",
+        rounding: str = DEFAULT_ROUNDING,
         backend: str = "auto",
     ):
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f"eps must be a positive float, got {eps!r}")
         if noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-        if rounding not in ROUNDING_CHOICES:
-            raise ValueError(f"rounding must be one of {ROUNDING_CHOICES}, got {rounding!r}")
+        _checked_rounding(rounding, "rounding")
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.args = MeZOArguments(zo_eps=float(eps), weight_decay=float(weight_decay))

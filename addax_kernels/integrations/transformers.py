@@ -66,14 +66,12 @@ from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainingArguments
 
 from ..backends import BACKEND_NAMES
-from ..ops import ROUNDING_MODES
+from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES
 from ..rng import NOISE_KINDS
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments"]
 
 ZO_METHODS = ("mezo", "addax")
-# "auto": perturbations round to nearest, updates stochastically (SPEC §2).
-ROUNDING_CHOICES = ("auto",) + ROUNDING_MODES
 BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 # Full-parameter MeZO learning rates are 1e-7 - 1e-6 (MeZO's paper), far below the Trainer's 5e-5.
 ZO_DEFAULT_LEARNING_RATE = 1e-6
@@ -124,8 +122,9 @@ class ZOTrainingArguments(TrainingArguments):
     zo_num_directions: int = field(default=1, metadata={"help": "MeZO only: directions per step (n-SPSA)."})
     zo_noise: str = field(default="gaussian", metadata={"help": "'gaussian' or 'rademacher' z."})
     zo_rounding: str = field(
-        default="auto",
-        metadata={"help": "'auto' (perturb to nearest, update bf16/fp16 stochastically), 'nearest' or 'stochastic'."},
+        default=DEFAULT_ROUNDING,
+        metadata={"help": "The optimizers' rounding policy, one of addax_kernels.optim.ROUNDING_CHOICES "
+                          "(docs/optimizers.md)."},
     )
     zo_backend: str = field(default="auto", metadata={"help": "addax_kernels backend: auto, reference, triton, native."})
     zo_seed: Optional[int] = field(default=None, metadata={"help": "Base seed of the z stream (default: the run's seed)."})
