@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench_main(rest)
     if command == "sass":
-        from .bench.sass import main as sass_main
+        from .sass import main as sass_main
 
         return sass_main(rest)
     print(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -5,10 +5,11 @@ only ever sees short sequences."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
+
+from ._numbers import is_integer, is_real_number
 
 __all__ = ["split_by_length", "sequence_lengths"]
 
@@ -37,7 +38,7 @@ def sequence_lengths(batch: Mapping[str, Any], pad_token_id: Optional[int] = Non
         return (mask != 0).sum(-1)
     input_ids = batch["input_ids"]
     if pad_token_id is not None:
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
+        if not is_integer(pad_token_id):
             raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
         return (input_ids != pad_token_id).sum(-1)
     return torch.full((size,), width, dtype=torch.int64, device=input_ids.device)
@@ -103,14 +104,14 @@ def split_by_length(
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping (an HF-style dict batch), got {type(batch).__name__}")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+    if not is_real_number(threshold) or not math.isfinite(threshold):
         raise TypeError(f"threshold must be a finite number of tokens, got {threshold!r}")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if not isinstance(trim_padding, bool):
         raise TypeError(f"trim_padding must be a bool, got {type(trim_padding).__name__}")
     size, width = _batch_size_and_width(batch)
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)):
+    if pad_token_id is not None and not is_integer(pad_token_id):
         raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] != size:

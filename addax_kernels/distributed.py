@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ._numbers import is_real_number
 from .sharding import is_dtensor, local_shard
 
 __all__ = [
@@ -61,7 +62,7 @@ def _require_initialized(what: str) -> None:
 def _as_timedelta(timeout) -> Optional[datetime.timedelta]:
     if timeout is None or isinstance(timeout, datetime.timedelta):
         result = timeout
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+    elif is_real_number(timeout):
         result = datetime.timedelta(seconds=float(timeout))
     else:
         raise TypeError(f"timeout must be None, seconds or a datetime.timedelta, got {type(timeout).__name__}")

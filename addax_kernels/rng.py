@@ -31,6 +31,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ._numbers import is_integer, is_real_number
+
 __all__ = [
     "PHILOX_M0",
     "PHILOX_M1",
@@ -100,7 +102,7 @@ def check_seed(seed, name: str = "seed", device: Optional[torch.device] = None) 
             raise ValueError(f"{name} is on {seed.device} but must be on {torch.device(device)} (the params' device)")
         seed = seed.detach()
         return seed if seed.dtype == torch.int64 else seed.view(torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)):
+    if not is_integer(seed):
         raise TypeError(f"{name} must be an int in [0, 2**64) or a 0-dim int64/uint64 tensor, "
                         f"got {type(seed).__name__} {seed!r}")
     seed = int(seed)
@@ -141,7 +143,7 @@ def sparsity_threshold(sparsity, name: str = "sparsity") -> int:
     With u = odd * 2**-24 (odd = 2 * (w >> 9) + 1), u ≥ p  ⇔  odd ≥ ceil(p * 2**24); the
     product by a power of two is exact for a float p, so every backend compares integers.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (numbers.Real, np.floating, np.integer)):
+    if not is_real_number(sparsity):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
     value = float(sparsity)
     if not (0.0 <= value < 1.0):
@@ -151,7 +153,7 @@ def sparsity_threshold(sparsity, name: str = "sparsity") -> int:
 
 def check_tid(tid, name: str = "tid") -> int:
     """Return ``tid`` as a Python int in [0, 2**32) or raise a clear error."""
-    if isinstance(tid, bool) or not isinstance(tid, (numbers.Integral, np.integer)):
+    if not is_integer(tid):
         raise TypeError(f"{name} must be an int in [0, 2**32), got {type(tid).__name__} {tid!r}")
     tid = int(tid)
     if not 0 <= tid < 2**32:
@@ -352,7 +354,7 @@ def noise(
     if isinstance(shape, numbers.Integral):
         shape = (int(shape),)
     shape = torch.Size(shape)
-    if isinstance(offset, bool) or not isinstance(offset, (numbers.Integral, np.integer)) or offset < 0:
+    if not is_integer(offset) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if not (dtype.is_floating_point):
         raise TypeError(f"noise dtype must be floating, got {dtype}")

@@ -617,7 +617,7 @@ SASS_SOURCE = "/src/csrc/cuda/fused_cuda.cu"
 
 
 def test_sass_counting_rules_on_a_synthetic_listing(monkeypatch):
-    from addax_kernels.bench import sass_native
+    from addax_kernels.sass import native_backend as sass_native
 
     monkeypatch.setattr(sass_native, "SOURCE", SASS_SOURCE)
     kernels = sass_native.parse_disassembly(_synthetic_listing())
@@ -634,7 +634,8 @@ def test_sass_counting_rules_on_a_synthetic_listing(monkeypatch):
 
 
 def test_sass_variants_map_to_kernels_of_the_source():
-    from addax_kernels.bench import sass, sass_native
+    from addax_kernels import sass
+    from addax_kernels.sass import native_backend as sass_native
 
     facts = sass_native.source_facts()
     assert set(facts.loop_lines.values()) >= {"gaussian", "rademacher", "CHUNK", "MASKED"}

@@ -354,7 +354,8 @@ _SYNTHETIC_SASS = """
 
 
 def test_sass_counting_rules_on_a_known_kernel():
-    from addax_kernels.bench import sass_triton
+    from addax_kernels import sass
+    from addax_kernels.sass import triton_backend as sass_triton
 
     counts = sass_triton.analyze(sass_triton.Sass(_SYNTHETIC_SASS), register_count=32)
     assert counts.loop == 4  # the tile loop, from its head to its backward branch
@@ -364,9 +365,9 @@ def test_sass_counting_rules_on_a_known_kernel():
     assert counts.edge == 3
     assert counts.access_bytes == 16 and counts.spills == 0
     # The H200 budget: 3.35e13 instructions/s for 4.3e12 B/s of copy bandwidth.
-    assert sass_triton.budget_per_element(4) == pytest.approx(31.16, abs=0.01)
-    assert sass_triton.estimated_cap(4, 2 * 31.16) == pytest.approx(0.5, abs=1e-3)
-    assert sass_triton.estimated_cap(8, 1.0) == 1.0
+    assert sass.budget_per_element(4) == pytest.approx(31.16, abs=0.01)
+    assert sass.estimated_cap(4, 2 * 31.16) == pytest.approx(0.5, abs=1e-3)
+    assert sass.estimated_cap(8, 1.0) == 1.0
 
 
 # ----------------------------------------------------------------------------- compiled code, offline
@@ -376,17 +377,18 @@ def test_sass_counting_rules_on_a_known_kernel():
 # no spills, MUFU transcendentals for Gaussian noise only, within the instruction budget.
 _OFFLINE_COMPILE = r"""
 import json, sys
-from addax_kernels.bench import sass_triton as s
-variants = (s.Variant("perturb", "bf16"), s.Variant("zo_update", "bf16", rounding="stochastic"),
-            s.Variant("addax_update", "bf16", "fp32", noise="rademacher", rounding="stochastic"))
+from addax_kernels import sass
+from addax_kernels.sass import triton_backend as s
+variants = (sass.Variant("perturb", "bf16"), sass.Variant("zo_update", "bf16", rounding="stochastic"),
+            sass.Variant("addax_update", "bf16", "fp32", noise="rademacher", rounding="stochastic"))
 report = {}
 for variant in variants:
     compiled, warps = s._compile(variant)
     text = s.disassemble(compiled.asm["cubin"])
     counts = s.analyze(s.Sass(text), s.registers(compiled.asm["cubin"]))
     report[variant.op] = dict(counts.__dict__, mufu="MUFU.LG2" in text and "MUFU.SIN" in text,
-                              cap=s.estimated_cap(variant.bytes_per_element(), s.per_element(counts, 4096, warps)))
-sm80, _ = s._compile(s.Variant("perturb", "fp16"), arch=80)
+                              cap=sass.estimated_cap(variant.bytes_per_element(), s.per_element(counts, 4096, warps)))
+sm80, _ = s._compile(sass.Variant("perturb", "fp16"), arch=80)
 report["sm80_loads"] = sorted(set(line.split()[0] for line in sm80.asm["ptx"].splitlines()
                                   if line.strip().startswith("ld.global")))
 json.dump(report, sys.stdout)

@@ -96,15 +96,16 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class Scalars:
-    """The scalar vector (``SCALAR_*`` layout) as host floats or as one float32 device tensor."""
+class _HostOrDevice:
+    """A vector held either as host values (kernel runtime arguments) or as one device tensor
+    (read by the kernels: no host sync, CUDA-graph safe)."""
 
-    values: Optional[Tuple[float, ...]] = None
+    values: Optional[Tuple] = None
     tensor: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if (self.values is None) == (self.tensor is None):
-            raise ValueError("Scalars holds exactly one of values or tensor")
+            raise ValueError(f"{type(self).__name__} holds exactly one of values or tensor")
 
     @property
     def on_device(self) -> bool:
@@ -115,23 +116,18 @@ class Scalars:
 
 
 @dataclass(frozen=True)
-class Seeds:
+class Scalars(_HostOrDevice):
+    """The scalar vector (``SCALAR_*`` layout) as host floats or as one float32 device tensor."""
+
+    values: Optional[Tuple[float, ...]] = None
+
+
+@dataclass(frozen=True)
+class Seeds(_HostOrDevice):
     """``max(1, K)`` direction seeds then the rounding seed: u64 host ints, or one int64 tensor
     of that length on the parameters' device holding the same 64 bits (two's complement)."""
 
     values: Optional[Tuple[int, ...]] = None
-    tensor: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        if (self.values is None) == (self.tensor is None):
-            raise ValueError("Seeds holds exactly one of values or tensor")
-
-    @property
-    def on_device(self) -> bool:
-        return self.tensor is not None
-
-    def __len__(self) -> int:
-        return len(self.values) if self.values is not None else int(self.tensor.numel())
 
 
 @dataclass(frozen=True)

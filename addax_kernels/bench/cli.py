@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from addax_kernels.backends import BACKEND_NAMES
+from addax_kernels.ops import BACKEND_CHOICES, BACKEND_NAMES
 from addax_kernels.optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES
 
 from . import report
@@ -62,7 +62,7 @@ def build_parser(prog: str = "python -m addax_kernels bench") -> argparse.Argume
     add("--steps", nargs="+", choices=("mezo", "addax"), default=["mezo", "addax"])
     add("--batch-size", type=int, default=None)
     add("--seq-len", type=int, default=None, help="ZO batch sequence length; the FO batch uses half")
-    add("--step-backend", choices=("auto",) + BACKEND_NAMES, default="auto")
+    add("--step-backend", choices=BACKEND_CHOICES, default="auto")
     add("--quick", action="store_true", help="small sizes and model, short measurements")
     add("--time-limit", type=float, default=None, metavar="SECONDS",
         help="start no measurement after this many seconds (the rest is reported as skipped)")
@@ -111,7 +111,7 @@ def run(cfg: SimpleNamespace) -> dict:
     """Measure what ``cfg`` selects, write results.json, summary.md and throughput.png."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    results = {"schema": report.SCHEMA, "created_utc": report.utc_now(),
+    results = {"schema": report.SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "command": " ".join(["python -m addax_kernels bench"] + getattr(cfg, "argv", [])),
                "environment": report.environment(cfg.device),
                "config": {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(cfg).items()},

@@ -11,7 +11,6 @@ import platform
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -310,10 +309,6 @@ def write_json(results: dict, path: str) -> None:
     with open(path, "w") as handle:
         json.dump(_finite_or_none(results), handle, indent=1, default=str, allow_nan=False)
         handle.write("\n")
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def update_readme(readme: str, results_root: str) -> List[str]:

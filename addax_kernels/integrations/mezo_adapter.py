@@ -39,16 +39,14 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..backends import BACKEND_NAMES
-from ..ops import addax_update_, perturb_, zo_update_
+from .._numbers import is_real_number
+from ..ops import BACKEND_CHOICES, addax_update_, perturb_, zo_update_
 from ..optim import mezo_decays
 from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES, pass_roundings
 from ..optim.seeds import ROUNDING_STREAM, derive_seed
 from ..rng import NOISE_KINDS
 
 __all__ = ["MeZOKernelsMixin", "MeZOAdapter", "MeZOArguments", "mezo_decays", "zo_bench_unserved_setting"]
-
-BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 
 # MeZO draws each step's seed as np.random.randint(1000000000).
 _MEZO_SEED_BOUND = 1_000_000_000
@@ -230,10 +228,10 @@ class MeZOKernelsMixin:
         names_params = self.named_parameters_to_optim
         lr = self._get_learning_rate()
         wd = float(self.args.weight_decay)
-        rounding = self._zo_roundings().update
-        rounding_seed = self._next_rounding_seed(self.zo_random_seed)
         with_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is not None]
         without_grad = [(i, n, p) for i, (n, p) in enumerate(names_params) if p.grad is None]
+        common = dict(weight_decay=wd, noise=self.zo_noise, rounding=self._zo_roundings().update,
+                      rounding_seed=self._next_rounding_seed(self.zo_random_seed), backend=self.zo_backend)
         if with_grad:
             addax_update_(
                 [p for _, _, p in with_grad],
@@ -242,13 +240,9 @@ class MeZOKernelsMixin:
                 self.projected_grad,
                 lr,
                 alpha,
-                weight_decay=wd,
                 decay_mask=[mezo_decays(n) for _, n, _ in with_grad],
                 tids=[i for i, _, _ in with_grad],
-                noise=self.zo_noise,
-                rounding=rounding,
-                rounding_seed=rounding_seed,
-                backend=self.zo_backend,
+                **common,
             )
             for _, _, p in with_grad:
                 p.grad = None
@@ -258,13 +252,9 @@ class MeZOKernelsMixin:
                 self.zo_random_seed,
                 float(alpha) * float(self.projected_grad),
                 lr,
-                weight_decay=wd,
                 decay_mask=[mezo_decays(n) for _, n, _ in without_grad],
                 tids=[i for i, _, _ in without_grad],
-                noise=self.zo_noise,
-                rounding=rounding,
-                rounding_seed=rounding_seed,
-                backend=self.zo_backend,
+                **common,
             )
         scheduler = getattr(self, "lr_scheduler", None)
         if scheduler is not None:
@@ -337,7 +327,7 @@ class MeZOAdapter(MeZOKernelsMixin):
         rounding: str = DEFAULT_ROUNDING,
         backend: str = "auto",
     ):
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        if not is_real_number(eps) or not eps > 0:
             raise ValueError(f"eps must be a positive float, got {eps!r}")
         if noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")

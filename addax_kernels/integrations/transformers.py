@@ -65,14 +65,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainingArguments
 
-from ..backends import BACKEND_NAMES
+from ..ops import BACKEND_CHOICES
 from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES
 from ..rng import NOISE_KINDS
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments"]
 
 ZO_METHODS = ("mezo", "addax")
-BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 # Full-parameter MeZO learning rates are 1e-7 - 1e-6 (MeZO's paper), far below the Trainer's 5e-5.
 ZO_DEFAULT_LEARNING_RATE = 1e-6
 

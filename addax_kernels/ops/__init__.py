@@ -17,7 +17,7 @@ optimizers share with the ops.
 """
 
 from ._addax_update import addax_update_
-from ._backend_choice import BACKEND_ENV_VAR, available_backends, backend_report, resolve_backend
+from ._backend_choice import BACKEND_CHOICES, BACKEND_ENV_VAR, BACKEND_NAMES, available_backends, backend_report, resolve_backend
 from ._checks import ROUNDING_MODES, SUPPORTED_DTYPES, is_integer, is_real_number
 from ._compiled import fused_update_op as _fused_update_op
 from ._noise import noise
@@ -41,7 +41,9 @@ __all__ = [
     "host_info",
     "is_integer",
     "is_real_number",
+    "BACKEND_CHOICES",
     "BACKEND_ENV_VAR",
+    "BACKEND_NAMES",
     "SUPPORTED_DTYPES",
     "ROUNDING_MODES",
 ]

@@ -11,7 +11,9 @@ import torch
 from .. import backends as _backends
 
 BACKEND_ENV_VAR = "ADDAX_KERNELS_BACKEND"
-BACKEND_CHOICES = ("auto",) + _backends.BACKEND_NAMES
+BACKEND_NAMES = _backends.BACKEND_NAMES
+# What a call's backend= accepts: "auto" (resolved per device) or a backend by name.
+BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 
 
 def device_backend_order(device: torch.device) -> Tuple[str, ...]:

@@ -9,12 +9,12 @@ cached with it (``_plan.py``).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .._numbers import is_integer, is_real_number
 from .. import rng as _rng
 from ..backends import Scalars, Seeds
 
@@ -23,16 +23,6 @@ ROUNDING_MODES = ("nearest", "stochastic")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Element indices are int64: the last index of a tensor, offset + numel - 1, is at most 2**63 - 1.
 INDEX_LIMIT = 2**63
-
-
-def is_integer(value) -> bool:
-    """True for a Python or numpy integer; False for bool (a bool is not a count or a seed)."""
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def is_real_number(value) -> bool:
-    """True for a Python or numpy real number (int or float); False for bool."""
-    return isinstance(value, (numbers.Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def as_real(value, name: str) -> float:

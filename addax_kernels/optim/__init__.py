@@ -15,6 +15,7 @@ from typing import List
 
 import torch
 
+from .._numbers import is_real_number
 from ._base import NonFiniteLossError
 from .adam import ZOAdam
 from .addax import Addax
@@ -90,7 +91,7 @@ def no_decay_param_groups(model: torch.nn.Module, weight_decay: float = 0.0) -> 
     decayed parameters with ``weight_decay`` (default 0, as in MeZO and the Trainer), the
     biases and norm parameters with 0.  Only parameters that require grad are included, in
     ``model.named_parameters()`` order; tied parameters appear once; empty groups are dropped."""
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
+    if not is_real_number(weight_decay) or not (
         math.isfinite(weight_decay) and weight_decay >= 0
     ):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")

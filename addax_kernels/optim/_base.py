@@ -12,7 +12,6 @@ parameters.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -20,14 +19,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._numbers import is_integer, is_real_number
 from .. import ops
 from .. import rng
-from ..backends import BACKEND_NAMES
 from ..sharding import is_dtensor, local_shard
 from .rounding import check_rounding, pass_roundings
 from .seeds import ROUNDING_STREAM, as_int64, derive_seed, derive_seeds_on_device, step_key, stream_seed
 
-BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 STATE_KEY = "zo_state"
 
@@ -42,7 +40,7 @@ class NonFiniteLossError(ValueError):
 
 
 def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
 
@@ -96,7 +94,7 @@ def check_betas(value, name: str) -> Tuple[float, float]:
 
 
 def check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
@@ -111,8 +109,8 @@ def check_options(noise: str, rounding: str, backend: str, grad_reduce) -> None:
     if noise not in rng.NOISE_KINDS:
         raise ValueError(f"noise must be one of {rng.NOISE_KINDS}, got {noise!r}")
     check_rounding(rounding)
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend not in ops.BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {ops.BACKEND_CHOICES}, got {backend!r}")
     if grad_reduce is not None and not callable(grad_reduce):
         raise TypeError(f"grad_reduce must be None or a callable, got {type(grad_reduce).__name__}")
 
@@ -151,7 +149,7 @@ def loss_scalar(loss, device: torch.device, name: str) -> torch.Tensor:
         if not loss.dtype.is_floating_point:
             raise TypeError(f"{name} must return a floating loss, got {loss.dtype}")
         return loss.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+    if is_real_number(loss):
         return torch.tensor(float(loss), dtype=torch.float32, device=device)
     raise TypeError(f"{name} must return a 0-dim tensor or a number, got {type(loss).__name__}")
 

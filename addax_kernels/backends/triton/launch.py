@@ -108,7 +108,7 @@ def tile_width(param_dtype, grad_dtype, state_dtype) -> int:
 def num_warps(structure: dict) -> int:
     """Warps per program for a kernel variant (its constexprs).
 
-    Offline sm_90 compiles (addax_kernels/bench/sass_triton.py) put the passes below at 39-64
+    Offline sm_90 compiles (addax_kernels/sass/triton_backend.py) put the passes below at 39-64
     registers with 16 elements per thread, but optimizer state, several directions, a third
     Philox stream (sparse mask plus stochastic rounding), float32 parameters in 8-wide rows,
     and fp16 stochastic rounding at 113-218 registers (one or two resident programs per SM,

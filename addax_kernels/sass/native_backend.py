@@ -3,7 +3,7 @@
 :func:`native_rows` compiles ``csrc/cuda/fused_cuda.cu`` to a cubin with nvcc, setup.py's
 flags (``csrc/build_flags.py``) and ``-lineinfo`` (which annotates, and does not change, the
 code), disassembles it with ``nvdisasm -g`` and counts, for each variant of
-:data:`addax_kernels.bench.sass.VARIANTS`, the instructions one thread issues per element.
+:data:`addax_kernels.sass.VARIANTS`, the instructions one thread issues per element.
 
 How an instruction is counted (docs/native.md, "Instruction counts"):
 
@@ -34,7 +34,7 @@ How an instruction is counted (docs/native.md, "Instruction counts"):
                        + (chunk_overhead * threads * chunks + prologue * threads * grid
                           + masked_body * masked_thread_iterations * tensors) / MODEL_ELEMENTS
 
-over the reference group of :mod:`addax_kernels.bench.sass` (MODEL_TENSORS tensors of equal
+over the reference group of :mod:`addax_kernels.sass` (MODEL_TENSORS tensors of equal
 size, MODEL_ELEMENTS elements in all, each starting a chunk).  ``access_bytes`` is the widest
 global load or store of the steady-state loop.
 """
@@ -51,7 +51,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .sass import (
+from . import (
     MODEL_ELEMENTS,
     MODEL_TENSORS,
     H200_SMS,

@@ -16,10 +16,10 @@ element.  docs/triton.md ("Instruction budget") states the counting rules; in sh
   (the outer loop's body minus the inner loop); each tensor is charged one masked edge tile
   (the edge-program path, counted once) as if no tensor were a multiple of the tile;
 * the budget per element is the H200's issue rate times the bytes the pass moves per element
-  divided by its copy bandwidth (:func:`budget_per_element`); the estimated cap is
+  divided by its copy bandwidth (:func:`addax_kernels.sass.budget_per_element`); the estimated cap is
   ``min(1, budget / instructions per element)``.
 
-Run ``python -m addax_kernels.bench.sass_triton`` for a table.  In a process where the Triton
+Run ``python -m addax_kernels.sass.triton_backend`` for a table.  In a process where the Triton
 backend was loaded for the interpreter (``TRITON_INTERPRET=1``), the compile runs in a
 subprocess without it.
 """
@@ -36,60 +36,17 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-# H200: 132 SMs x 4 schedulers x 1.98 GHz x 32 threads, against ~4.3 TB/s of copy bandwidth.
-H200_THREAD_INSTRUCTIONS_PER_S = 3.35e13
-H200_COPY_BYTES_PER_S = 4.3e12
-H200_SMS = 132
-TARGET_ARCH = 90
-MODEL_TENSORS = 400
-MODEL_ELEMENTS = 1 << 27
-
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_STORAGE = {"fp32": 0, "fp16": 1, "bf16": 2}
-
-
-def budget_per_element(bytes_per_element: float) -> float:
-    """SASS thread-instructions an H200 can issue per element at copy bandwidth."""
-    return H200_THREAD_INSTRUCTIONS_PER_S * bytes_per_element / H200_COPY_BYTES_PER_S
-
-
-def estimated_cap(bytes_per_element: float, instructions_per_element: float) -> float:
-    """The fraction of copy bandwidth the issue rate allows (1.0: memory-bound)."""
-    return min(1.0, budget_per_element(bytes_per_element) / instructions_per_element)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row: an op with its dtypes, noise and rounding (host seeds and scalars, no decay)."""
-
-    op: str  # "perturb", "zo_update" (restore + one direction) or "addax_update"
-    param_dtype: str
-    grad_dtype: Optional[str] = None
-    noise: str = "gaussian"
-    rounding: str = "nearest"
-
-    def bytes_per_element(self) -> int:
-        size = _DTYPE_BYTES[self.param_dtype]
-        return 2 * size + (_DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else 0)
-
-
-VARIANTS: Tuple[Variant, ...] = (
-    Variant("perturb", "fp32"),
-    Variant("perturb", "bf16"),
-    Variant("perturb", "fp16"),
-    Variant("perturb", "bf16", rounding="stochastic"),
-    Variant("perturb", "fp32", noise="rademacher"),
-    Variant("perturb", "bf16", noise="rademacher"),
-    Variant("perturb", "fp16", noise="rademacher"),
-    Variant("perturb", "bf16", noise="rademacher", rounding="stochastic"),
-    Variant("zo_update", "bf16", rounding="stochastic"),
-    Variant("zo_update", "bf16", rounding="nearest"),
-    Variant("zo_update", "bf16", noise="rademacher", rounding="stochastic"),
-    Variant("addax_update", "bf16", "bf16", rounding="stochastic"),
-    Variant("addax_update", "bf16", "bf16", rounding="nearest"),
-    Variant("addax_update", "bf16", "fp32", rounding="stochastic"),
-    Variant("addax_update", "bf16", "fp32", rounding="nearest"),
+from . import (
+    H200_SMS,
+    MODEL_ELEMENTS,
+    MODEL_TENSORS,
+    TARGET_ARCH,
+    VARIANTS,
+    Variant,
+    make_row,
 )
+
+_STORAGE = {"fp32": 0, "fp16": 1, "bf16": 2}
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -393,19 +350,7 @@ def variant_row(variant: Variant) -> dict:
     cubin = compiled.asm["cubin"]
     counts = analyze(Sass(disassemble(cubin)), registers(cubin))
     instructions = per_element(counts, launch.BLOCK, warps)
-    return {
-        "backend": "triton",
-        "op": variant.op,
-        "param_dtype": variant.param_dtype,
-        "grad_dtype": variant.grad_dtype,
-        "noise": variant.noise,
-        "rounding": variant.rounding,
-        "sass_per_element": round(instructions, 2),
-        "registers": counts.registers,
-        "spills": counts.spills,
-        "access_bytes": counts.access_bytes,
-        "estimated_cap": round(estimated_cap(variant.bytes_per_element(), instructions), 3),
-    }
+    return make_row("triton", variant, instructions, counts.registers, counts.spills, counts.access_bytes)
 
 
 def _rows_here(variants) -> List[dict]:
@@ -422,7 +367,7 @@ def triton_rows(variants: Tuple[Variant, ...] = VARIANTS) -> List[dict]:
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     payload = json.dumps([variant.__dict__ for variant in variants])
-    code = ("import json, sys\nfrom addax_kernels.bench import sass_triton as s\n"
+    code = ("import json, sys\nfrom addax_kernels.sass import triton_backend as s\n"
             "variants = tuple(s.Variant(**v) for v in json.loads(sys.argv[1]))\n"
             "json.dump(s._rows_here(variants), sys.stdout)\n")
     result = subprocess.run([sys.executable, "-c", code, payload], env=env, capture_output=True, text=True)

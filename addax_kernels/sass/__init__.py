@@ -1,8 +1,8 @@
 """``python -m addax_kernels sass``: the offline SASS report of both GPU backends (no GPU needed).
 
 Both backends are compiled for an H200 (sm_90a): the native kernels with nvcc and setup.py's
-flags (:mod:`addax_kernels.bench.sass_native`), the Triton kernel offline for
-``GPUTarget("cuda", 90, 32)`` (:mod:`addax_kernels.bench.sass_triton`).  Each row counts the
+flags (:mod:`addax_kernels.sass.native_backend`), the Triton kernel offline for
+``GPUTarget("cuda", 90, 32)`` (:mod:`addax_kernels.sass.triton_backend`).  Each row counts the
 SASS instructions one thread issues per element in the steady state, with the per-program
 (per thread block, per chunk, per ragged tensor end) work amortized over the reference group
 below, and turns the count into an estimated cap on throughput:
@@ -139,9 +139,9 @@ def make_row(backend: str, variant: Variant, sass_per_element: float, registers:
 def _collect(name: str, module: str, function: str) -> Tuple[List[dict], Optional[str]]:
     """Rows from one backend's collector, or ([], why not) when it cannot run here."""
     try:
-        collector = getattr(__import__(f"addax_kernels.bench.{module}", fromlist=[function]), function)
+        collector = getattr(__import__(f"addax_kernels.sass.{module}", fromlist=[function]), function)
     except ImportError as error:
-        return [], f"{name}: collector addax_kernels.bench.{module} is not available ({error})"
+        return [], f"{name}: collector addax_kernels.sass.{module} is not available ({error})"
     try:
         return list(collector()), None
     except Exception as error:  # a missing compiler or toolkit is a reportable outcome, not a crash
@@ -183,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backends", default="native,triton", help="comma list of native,triton (default: both)")
     args = parser.parse_args(argv)
     wanted = [name.strip() for name in args.backends.split(",") if name.strip()]
-    collectors = {"native": ("sass_native", "native_rows"), "triton": ("sass_triton", "triton_rows")}
+    collectors = {"native": ("native_backend", "native_rows"), "triton": ("triton_backend", "triton_rows")}
     unknown = [name for name in wanted if name not in collectors]
     if unknown:
         parser.error(f"unknown backends {unknown}; choose from {sorted(collectors)}")
