@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from typing import Optional
@@ -406,6 +407,8 @@ class ZOBenchArgs:
     perturbation_mode: str = "two_side"
     q: int = 1
     gradient_sparsity: Optional[float] = None
+    sparse_gradient_resample_steps: int = 1
+    sparse_gradient_group: str = "layer"
     module_wise_perturbation: bool = False
     coordinate_perturbation: bool = True
     learning_rate: float = 1e-2
@@ -417,22 +420,27 @@ class ZOBenchTrainerStandIn:
     """ZO-Bench's trainer interface (zo-bench/trainer.py, ``OurTrainer``) reduced to its ZO
     dispatch: per batch the loop calls ``zo_step`` (q = 1), ``zo_step_v1`` (q > 1),
     ``zo_conserv_step`` or ``zo_step_with_module_wise_perturbation`` by ``args.trainer``,
-    ``args.q`` and ``args.module_wise_perturbation``, then ``zo_update``.  Its steps start as
-    ZO-Bench's do (collect the trainable parameters, draw the seed, perturb, evaluate); the
-    torch-optimizer updates that follow in ZO-Bench are not reproduced: a stand-in method
-    that runs records its name in ``ran``."""
+    ``args.q`` and ``args.module_wise_perturbation``, then ``zo_update`` (the scheduler step).
+    Its steps start as ZO-Bench's do (collect the trainable parameters, draw the seed, perturb,
+    evaluate); the torch-optimizer updates that follow in ZO-Bench are not reproduced: a
+    stand-in step method that runs records its name in ``ran``.  ``zo_forward`` records, per
+    call, the seed of the step, the loss and the parameters it saw in ``forwards``."""
 
     def __init__(self, args):
         self.args = args
         self.lr_scheduler = SchedulerStub()
         self.ran = []
+        self.forwards = []
 
     def _get_learning_rate(self):
         return self.args.learning_rate
 
     def zo_forward(self, model, inputs):
         with torch.no_grad():
-            return (model(inputs) ** 2).mean()
+            loss = (model(inputs) ** 2).mean()
+        self.forwards.append((getattr(self, "zo_random_seed", None), float(loss),
+                              [p.detach().clone() for p in model.parameters()]))
+        return loss
 
     def _start_step(self, name, model):
         self.ran.append(name)
@@ -489,61 +497,234 @@ class FusedZOBenchTrainer(MeZOKernelsMixin, ZOBenchTrainerStandIn):
     pass
 
 
-UNSERVED_ZO_BENCH_SETTINGS = [
-    ("trainer", "zo_adam"),
-    ("trainer", "zo_sign_opt"),
-    ("trainer", "zo_conserv"),
-    ("momentum", 0.9),
-    ("q", 2),
-    ("perturbation_mode", "one_side"),
-    ("gradient_sparsity", 0.75),
-    ("module_wise_perturbation", True),
-    ("weight_decay", 0.1),
+def zo_bench_model():
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+
+def zo_bench_share_zeroed(gradient_sparsity):
+    """The probability that ZO-Bench's mask zeroes an element of z: its rule is
+    ``z[normal draw < gradient_sparsity] = 0`` (``fast_random_mask_like``), so Φ(s)."""
+    return statistics.NormalDist().cdf(gradient_sparsity) if gradient_sparsity is not None else 0.0
+
+
+class ZOBenchRestatement:
+    """ZO-Bench's step restated with torch.optim on materialized z: the torch optimizer ZO-Bench
+    builds for ``args`` (SGD(lr, momentum) or Adam(lr)) over copies of the parameters, stepped
+    on p.grad = Σ_k c_k·z_k / q with z_k = ``addax_kernels.noise(shape, seed_k, tid=position,
+    sparsity=Φ(s))`` and g_k from the losses the trainer recorded.  Each recorded evaluation
+    point is checked against the θ ± ε·z the restatement expects there."""
+
+    def __init__(self, args, model):
+        self.args = args
+        self.params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        optimizer = {"zo_sgd": "sgd", "zo_adam": "adam"}.get(args.trainer, args.optimizer)
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
+        else:
+            self.optimizer = torch.optim.SGD(self.params, lr=args.learning_rate, momentum=args.momentum)
+
+    def z(self, seed):
+        sparsity = zo_bench_share_zeroed(self.args.gradient_sparsity)
+        return [addax_kernels.noise(p.shape, seed, tid=i, sparsity=sparsity) for i, p in enumerate(self.params)]
+
+    def expect_at(self, recorded, offset, what):
+        for i, (seen, p) in enumerate(zip(recorded, self.params)):
+            torch.testing.assert_close(seen, p.detach() + offset[i], rtol=0, atol=ZO_BENCH_TOL,
+                                       msg=lambda m: f"{what}, tensor {i}: {m}")
+
+    def optimizer_step(self, directions):
+        """One step of the torch optimizer on Σ (coefficient · z)."""
+        for i, p in enumerate(self.params):
+            p.grad = sum(coefficient * z[i] for coefficient, z in directions)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def estimate(self, forwards, seed):
+        """g of one direction from its two recorded evaluations, checking where they were made."""
+        eps = self.args.zo_eps
+        z = self.z(seed)
+        (seed_plus, loss_plus, at_plus), (seed_minus, loss_minus, at_minus) = forwards
+        assert seed_plus == seed_minus == seed
+        self.expect_at(at_plus, [eps * t for t in z], "loss at θ + εz")
+        if self.args.perturbation_mode == "one_side":
+            self.expect_at(at_minus, [0 * t for t in z], "loss at θ")
+            return z, (loss_plus - loss_minus) / eps
+        self.expect_at(at_minus, [-eps * t for t in z], "loss at θ − εz")
+        return z, (loss_plus - loss_minus) / (2 * eps)
+
+    def step(self, forwards):
+        """Restate one training step from the trainer's recorded evaluations."""
+        args = self.args
+        if args.trainer == "zo_conserv":
+            return self.conservative_step(forwards)
+        assert len(forwards) == 2 * args.q
+        seeds = [forwards[2 * k][0] for k in range(args.q)]
+        assert len(set(seeds)) == args.q, "each direction draws its own seed"
+        directions = []
+        for k, seed in enumerate(seeds):
+            z, g = self.estimate(forwards[2 * k:2 * k + 2], seed)
+            coefficient = float(np.sign(g)) if args.trainer == "zo_sign_opt" else g
+            directions.append((coefficient / args.q, z))
+        self.optimizer_step(directions)
+
+    def conservative_step(self, forwards):
+        (_, loss_theta, at_theta), estimate, (_, loss_down, at_down), (_, loss_up, at_up) = (
+            forwards[0], forwards[1:3], forwards[3], forwards[4])
+        self.expect_at(at_theta, [0 * p.detach() for p in self.params], "ℓ0 at θ")
+        seed = estimate[0][0]
+        z, g = self.estimate(estimate, seed)
+        zero = [0 * t for t in z]
+        self.optimizer_step([(g, z)])
+        self.expect_at(at_down, zero, "ℓ1 after the first move")
+        self.optimizer_step([(-2 * g, z)])
+        self.expect_at(at_up, zero, "ℓ2 after the second move")
+        if loss_down > loss_theta:
+            if loss_theta < loss_up:
+                self.optimizer_step([(g, z)])
+        elif loss_down < loss_up:
+            self.optimizer_step([(2 * g, z)])
+        assert len(forwards) == 5
+
+
+# float32 steps of O(1) parameters: a few ulps each, accumulated over the run.
+ZO_BENCH_TOL = 2e-6
+
+MAPPED_ZO_BENCH_SETTINGS = [
+    {},
+    {"momentum": 0.9},
+    {"trainer": "zo_adam"},
+    {"trainer": "zo_adam", "q": 3},
+    {"trainer": "zo_sign_opt", "optimizer": "sgd"},
+    {"trainer": "zo_sign_opt", "optimizer": "adam"},
+    {"trainer": "zo_sign_opt", "optimizer": "sgd", "momentum": 0.5, "q": 2},
+    {"q": 3},
+    {"perturbation_mode": "one_side"},
+    {"perturbation_mode": "one_side", "q": 2, "momentum": 0.8},
+    {"gradient_sparsity": 0.75},
+    {"trainer": "zo_adam", "gradient_sparsity": -0.3, "perturbation_mode": "one_side"},
+    {"trainer": "zo_conserv", "optimizer": "sgd"},
+    {"trainer": "zo_conserv", "optimizer": "sgd", "momentum": 0.9},
+    {"trainer": "zo_conserv", "optimizer": "adam"},
+    {"trainer": "zo_conserv", "optimizer": "sgd", "perturbation_mode": "one_side"},
 ]
 
 
-@pytest.mark.parametrize("name, value", UNSERVED_ZO_BENCH_SETTINGS)
-def test_adapter_refuses_zo_bench_settings_it_cannot_serve(generator, name, value):
-    """Put first in ZO-Bench's trainer bases, the mixin would turn these into plain MeZO (or
-    add a MeZO update with another z to ZO-Bench's own); it must raise, naming the setting,
-    before any parameter or the scheduler moves."""
-    trainer = FusedZOBenchTrainer(ZOBenchArgs(**{name: value}))
+@pytest.mark.parametrize("overrides", MAPPED_ZO_BENCH_SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "zo_sgd")
+def test_adapter_runs_zo_bench_settings_as_torch_optim_on_g_z(generator, overrides):
+    """Put first in ZO-Bench's trainer bases, the mixin takes every step method ZO-Bench's loop
+    calls (none of the stand-in's runs) and its steps equal, over 6 steps, ZO-Bench's algorithm
+    restated with torch.optim.SGD(momentum) / torch.optim.Adam on g·z with z from
+    addax_kernels.noise: the points where losses are evaluated, the seeds (one per direction),
+    the sign, the conservative choice, sparse z (Φ(s) zeroed) and the optimizer state."""
+    learning_rate = 1e-3 if overrides.get("trainer") == "zo_adam" or overrides.get("optimizer") == "adam" else 2e-2
+    args = ZOBenchArgs(learning_rate=learning_rate, **overrides)
+    assert zo_bench_unserved_setting(args) is None
+    trainer = FusedZOBenchTrainer(args)
+    model = zo_bench_model()
+    start = snapshot(model)
+    restated = ZOBenchRestatement(args, model)
+    inputs = torch.randn(5, 4, generator=generator)
+    np.random.seed(11)
+    for step in range(6):
+        trainer.forwards = []
+        trainer.train_on_batch(model, inputs)
+        restated.step(trainer.forwards)
+        for i, (p, want) in enumerate(zip(model.parameters(), restated.params)):
+            torch.testing.assert_close(p.detach(), want.detach(), rtol=0, atol=ZO_BENCH_TOL,
+                                       msg=lambda m: f"step {step}, tensor {i}: {m}")
+    assert trainer.ran == []
+    assert trainer.lr_scheduler.steps == 6
+    moved = max(float((p.detach() - start[name]).abs().max()) for name, p in model.named_parameters())
+    assert moved > 100 * ZO_BENCH_TOL, "the parameters must move for the comparison to mean anything"
+
+
+def test_adapter_zo_bench_adam_state_is_float32_and_counts_optimizer_steps(generator):
+    """ZO-Adam keeps m and v per parameter in float32 (as torch names them) and counts one Adam
+    step per optimizer step, so the bias correction follows torch's (checked above); zo_conserv
+    steps the optimizer two or three times per training step, as ZO-Bench's does."""
+    trainer = FusedZOBenchTrainer(ZOBenchArgs(trainer="zo_adam", learning_rate=1e-3))
+    model = zo_bench_model()
+    inputs = torch.randn(5, 4, generator=generator)
+    for _ in range(3):
+        trainer.train_on_batch(model, inputs)
+    assert trainer.zo_optimizer_steps == 3
+    for p in model.parameters():
+        state = trainer.zo_optimizer_state[p]
+        assert set(state) == {"exp_avg", "exp_avg_sq"}
+        assert all(t.dtype == torch.float32 and t.shape == p.shape for t in state.values())
+        assert float(state["exp_avg_sq"].min()) > 0
+    conservative = FusedZOBenchTrainer(ZOBenchArgs(trainer="zo_conserv", optimizer="adam", learning_rate=1e-3))
+    conservative.train_on_batch(model, inputs)
+    assert conservative.zo_optimizer_steps in (2, 3)
+
+
+@pytest.mark.parametrize("gradient_sparsity", [-0.5, 0.0, 0.75])
+def test_zo_bench_sparsity_zeroes_the_share_zo_bench_does(gradient_sparsity):
+    """ZO-Bench zeroes z where a standard normal draw is below gradient_sparsity; the mixin's
+    sparse z must zero the same share: compared with that rule restated on torch.randn (the
+    share, not s itself: s = 0 zeroes half)."""
+    trainer = FusedZOBenchTrainer(ZOBenchArgs(gradient_sparsity=gradient_sparsity, zo_eps=1.0))
+    weight = torch.nn.Parameter(torch.zeros(400_000))
+    trainer.named_parameters_to_optim = [("weight", weight)]
+    trainer.zo_random_seed = 99
+    trainer.zo_perturb_parameters(scaling_factor=1)
+    zeroed = float((weight.detach() == 0).double().mean())
+    draws = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    zo_bench_zeroed = float((draws < gradient_sparsity).double().mean())
+    spread = math.sqrt(2 * zo_bench_zeroed * (1 - zo_bench_zeroed) / 400_000)
+    assert abs(zeroed - zo_bench_zeroed) < 5 * spread, (zeroed, zo_bench_zeroed)
+
+
+REFUSED_ZO_BENCH_SETTINGS = [
+    ({"module_wise_perturbation": True}, "module_wise_perturbation=True"),
+    ({"weight_decay": 0.1}, "weight_decay=0.1"),
+    ({"trainer": "zo_sign_opt"}, "optimizer='adamw'"),
+    ({"trainer": "zo_conserv", "optimizer": "adamw"}, "optimizer='adamw'"),
+    ({"trainer": "zo_adam", "momentum": 0.9}, "momentum=0.9"),
+    ({"momentum": 1.5}, "momentum=1.5"),
+    ({"q": 0}, "q=0"),
+    ({"trainer": "zo_conserv", "optimizer": "sgd", "q": 2}, "q=2"),
+    ({"perturbation_mode": "both"}, "perturbation_mode='both'"),
+    ({"q": 2, "gradient_sparsity": 0.75}, "gradient_sparsity=0.75 with q=2"),
+    ({"trainer": "zo_conserv", "optimizer": "sgd", "gradient_sparsity": 0.75},
+     "gradient_sparsity=0.75 with trainer='zo_conserv'"),
+    ({"gradient_sparsity": 0.75, "sparse_gradient_group": "global"}, "sparse_gradient_group='global'"),
+    ({"gradient_sparsity": 0.75, "sparse_gradient_resample_steps": 2}, "sparse_gradient_resample_steps=2"),
+    ({"gradient_sparsity": 9.0}, "gradient_sparsity=9.0"),
+]
+
+
+@pytest.mark.parametrize("overrides, named", REFUSED_ZO_BENCH_SETTINGS, ids=[n for _, n in REFUSED_ZO_BENCH_SETTINGS])
+def test_adapter_refuses_zo_bench_settings_it_cannot_serve(generator, overrides, named):
+    """Settings the mixin cannot run as ZO-Bench does (or that ZO-Bench ignores) raise, naming
+    the setting, before any parameter or the scheduler moves."""
+    trainer = FusedZOBenchTrainer(ZOBenchArgs(**overrides))
     model = torch.nn.Linear(4, 3)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}")):
+    with pytest.raises(ValueError, match=re.escape(named)):
         trainer.train_on_batch(model, torch.randn(5, 4, generator=generator))
     for key, p in snapshot(model).items():
         assert torch.equal(p, before[key]), key
     assert trainer.lr_scheduler.steps == 0
     assert "zo_update" not in trainer.ran
-
-
-def test_adapter_serves_zo_bench_plain_zo_sgd(generator):
-    """ZO-Bench's defaults (trainer='zo_sgd', momentum 0, q 1, two-sided, dense, no weight
-    decay): the mixin takes zo_step and zo_update (none of the stand-in's step methods runs),
-    and the update is ZO-SGD without weight decay, θ − lr·g·z, then one scheduler step."""
-    args = ZOBenchArgs()
-    assert zo_bench_unserved_setting(args) is None
-    trainer = FusedZOBenchTrainer(args)
-    model = torch.nn.Linear(4, 3)
-    before = snapshot(model)
-    trainer.train_on_batch(model, torch.randn(5, 4, generator=generator))
-    assert trainer.ran == []
-    assert trainer.lr_scheduler.steps == 1
-    for tid, (name, p) in enumerate(model.named_parameters()):
-        z = rng.noise(p.shape, trainer.zo_random_seed, tid)
-        want = before[name] - args.learning_rate * trainer.projected_grad * z
-        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6, msg=name)
+    assert zo_bench_unserved_setting(trainer.args).startswith(named)
 
 
 def test_zo_bench_checks_apply_only_to_zo_bench_trainers():
     """MeZO's trainer (trainer='zo'), hosts without a ``trainer`` field and ZO-Bench's
-    non-ZO trainers have nothing to refuse; the first unserved setting is the one named."""
+    non-ZO trainers have nothing to refuse, and ZO-Bench's own step methods refuse them; the
+    first unserved setting is the one named."""
     assert zo_bench_unserved_setting(MeZOArguments(weight_decay=0.1)) is None
     for trainer in ("zo", "regular", "none", "forward_grad"):
         assert zo_bench_unserved_setting(ZOBenchArgs(trainer=trainer, q=2, weight_decay=0.1)) is None
-    described = zo_bench_unserved_setting(ZOBenchArgs(trainer="zo_adam", q=2))
-    assert described.startswith("trainer='zo_adam'") and "Adam" in described
+    described = zo_bench_unserved_setting(ZOBenchArgs(trainer="zo_adam", momentum=0.5, weight_decay=0.1))
+    assert described.startswith("momentum=0.5") and "Adam" in described
+    adapter = MeZOAdapter()
+    for method in (adapter.zo_step_v1, adapter.zo_conserv_step):
+        with pytest.raises(ValueError, match="args.trainer"):
+            method(torch.nn.Linear(2, 1), {})
 
 
 # ----------------------------------------------------------------------------- weight decay

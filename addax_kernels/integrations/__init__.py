@@ -4,7 +4,8 @@
   ``transformers.Trainer`` that trains with MeZO or Addax (needs transformers).
 * :mod:`.mezo_adapter` — :class:`MeZOKernelsMixin` / :class:`MeZOAdapter`: MeZO's trainer
   methods (``zo_perturb_parameters``, ``zo_step``, ``zo_update``) on the fused ops; on
-  ZO-Bench's trainer it refuses, naming it, every setting it does not reproduce.
+  ZO-Bench's trainer, ZO-Bench's step methods on the fused ZO-Bench-family ops, refusing,
+  naming it, every setting it does not reproduce (``_zo_bench.py`` lists them).
 
 Names are resolved on first use, so ``import addax_kernels.integrations`` never imports
 transformers by itself.
