@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -139,16 +140,29 @@ std::unique_ptr<PreparedGroup> prepare(int device, const std::vector<uintptr_t>&
 #endif
 }
 
-// The data_ptr() of the group's gradients, taken from the caller's list `grads` at the
-// group's positions: one C++ loop instead of a Python list comprehension per call.
+// The data_ptr() of the group's gradients at the group's positions, from `grads`: either the
+// op's list of tensors (one C++ loop of data_ptr() calls) or, when the ops layer already read
+// them, bytes holding every gradient's address as a native-endian uint64.
 std::vector<const void*> gradient_addresses(const PreparedGroup& prepared, py::handle grads) {
   static PyObject* const data_ptr_name = PyUnicode_InternFromString("data_ptr");
+  std::vector<const void*> addresses(prepared.positions.size());
+  if (PyBytes_Check(grads.ptr())) {
+    const char* table = PyBytes_AS_STRING(grads.ptr());
+    const auto length = static_cast<Py_ssize_t>(PyBytes_GET_SIZE(grads.ptr()) / sizeof(uint64_t));
+    for (size_t i = 0; i < addresses.size(); ++i) {
+      const Py_ssize_t position = prepared.positions[i];
+      if (position >= length) throw std::invalid_argument("grads is shorter than the prepared params list");
+      uint64_t address;
+      std::memcpy(&address, table + position * sizeof(uint64_t), sizeof(uint64_t));
+      addresses[i] = reinterpret_cast<const void*>(static_cast<uintptr_t>(address));
+    }
+    return addresses;
+  }
   PyObject* sequence = PySequence_Fast(grads.ptr(), "grads must be a sequence of tensors");
   if (sequence == nullptr) throw py::error_already_set();
   const py::object owner = py::reinterpret_steal<py::object>(sequence);
   const Py_ssize_t length = PySequence_Fast_GET_SIZE(sequence);
   PyObject** items = PySequence_Fast_ITEMS(sequence);
-  std::vector<const void*> addresses(prepared.positions.size());
   for (size_t i = 0; i < addresses.size(); ++i) {
     const Py_ssize_t position = prepared.positions[i];
     if (position >= length) throw std::invalid_argument("grads is shorter than the prepared params list");

@@ -165,6 +165,9 @@ class FusedJob:
     noise: str = "gaussian"
     rounding: str = "nearest"
     sparsity_threshold: int = 0
+    # Each gradient's data_ptr() by position in the op's list, native-endian uint64 bytes, when
+    # the ops layer read them while checking (its C++ check does); None: ask the tensors.
+    grad_addresses: Optional[bytes] = None
 
     def needs_update(self, group: TensorGroup) -> bool:
         return self.num_directions > 0 or self.has_grad or self.state != STATE_NONE or group.has_decay

@@ -168,7 +168,7 @@ def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> N
     """The fused pass over the group ``prepared`` describes, in place (O(1) Python work).
 
     ``grads`` is the op's whole gradient list (or None); the extension reads the addresses of
-    the group's entries.  Device seeds and scalars are passed by address and read by the kernel
+    the group's entries, from ``job.grad_addresses`` when the ops layer has them.  Device seeds and scalars are passed by address and read by the kernel
     on the current stream (no host sync).  ``params`` and ``states`` are not read here: their
     addresses were fixed by :func:`prepare`.
     """
@@ -187,7 +187,7 @@ def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> N
         threads, stream = torch.get_num_threads(), 0
     else:
         threads, stream = 1, _raw_stream(prepared.device)
-    _C.run(prepared, grads, seed_values, seed_address, num_seeds, scalar_values, scalar_address, num_scalars,
+    _C.run(prepared, grads if job.grad_addresses is None else job.grad_addresses, seed_values, seed_address, num_seeds, scalar_values, scalar_address, num_scalars,
            _NOISE_KINDS[job.noise], _ROUNDING_MODES[job.rounding], job.state, job.num_directions, job.has_shift,
            job.has_grad, job.sparsity_threshold, threads, stream)
 

@@ -52,13 +52,25 @@ def host_seconds_per_call(fn: Callable[[], object], device: torch.device, calls:
     """Median host seconds of one ``fn()``: Python, checks and launches, without waiting for the
     device.  Meant for calls whose device work is shorter than their host work (tiny tensors),
     or for few enough calls that the launch queue does not fill."""
-    fn()
+    return host_seconds_added(fn, None, device, calls, blocks)
+
+
+def host_seconds_added(fn: Callable[[], object], baseline: Optional[Callable[[], object]], device: torch.device,
+                       calls: int = 20, blocks: int = 7) -> float:
+    """Median over blocks of (host seconds of one ``fn()`` − one ``baseline()``), the two timed in
+    alternating blocks so that drifts of a noisy machine fall on both; ``baseline=None`` times
+    ``fn`` alone (:func:`host_seconds_per_call`)."""
+    timers = [_timer(f, timer=time.perf_counter) for f in (fn, baseline) if f is not None]
+    for timer in timers:
+        timer.timeit(1)
     synchronize(device)
-    timer = _timer(fn, timer=time.perf_counter)
     samples = []
     for _ in range(blocks):
-        samples.append(timer.timeit(calls).mean)
-        synchronize(device)
+        times = []
+        for timer in timers:
+            times.append(timer.timeit(calls).mean)
+            synchronize(device)
+        samples.append(times[0] - (times[1] if len(times) > 1 else 0.0))
     return statistics.median(samples)
 
 

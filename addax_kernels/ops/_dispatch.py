@@ -75,9 +75,9 @@ def run_update(params, grads, states, state_names: Sequence[str], state_kind: in
     states = [as_tensor_list(buffers, name) for buffers, name in zip(states, state_names)]
     plan = _plan.plan_for(params, states, state_names, tids, offsets, weight_decay, decay_mask)
     device = plan.device
-    grad_key = grad_dtypes = None
+    grad_key = grad_dtypes = grad_addresses = None
     if grads is not None:
-        grads, grad_key, grad_dtypes = _plan.grads_for(plan, grads, params)
+        grads, grad_key, grad_dtypes, grad_addresses = _plan.grads_for(plan, grads, params)
     seed_list, coeff_list = directions(device)
     threshold = check_options(noise, rounding, sparsity)
     if callable(state_scalars):
@@ -102,6 +102,7 @@ def run_update(params, grads, states, state_names: Sequence[str], state_kind: in
         noise=noise,
         rounding=rounding,
         sparsity_threshold=threshold,
+        grad_addresses=grad_addresses,
     )
     execute(plan, backend, job, params, grads, grad_key, grad_dtypes, states)
 

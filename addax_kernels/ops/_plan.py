@@ -369,15 +369,18 @@ def plan_for(params: List[torch.Tensor], states: Sequence[List[torch.Tensor]], s
 
 
 def grads_for(plan: Plan, grads, params: List[torch.Tensor]):
-    """``(grads as a list, group key, dtype getter)`` after checking them against the plan."""
+    """``(grads as a list, group key, dtype getter, addresses)`` after checking them against the
+    plan; ``addresses`` is each grad's data_ptr() as native uint64 bytes when the host extension
+    checked them (``FusedJob.grad_addresses``), else None."""
     if _host is not None and type(grads) in (list, tuple):
-        codes = _host.check_grads(grads, params, plan.spans_bytes)
-        if codes is not None:
-            return grads, codes, lambda: tuple(grad.dtype for grad in grads)
+        checked = _host.check_grads(grads, params, plan.spans_bytes)
+        if checked is not None:
+            codes, addresses = checked
+            return grads, codes, lambda: tuple(grad.dtype for grad in grads), addresses
     grads = check_companions(grads, params, "grads", SUPPORTED_DTYPES)
     check_reads_disjoint(plan.written_spans, grads, "grads")
     dtypes = tuple(grad.dtype for grad in grads)
-    return grads, dtypes, lambda: dtypes
+    return grads, dtypes, lambda: dtypes, None
 
 
 def bump_versions(plan: Plan, params, states) -> None:

@@ -159,13 +159,15 @@ bool is_float_storage(const c10::TensorImpl* impl) {
   return type == c10::ScalarType::Float || type == c10::ScalarType::Half || type == c10::ScalarType::BFloat16;
 }
 
-// check_grads(grads, params, written_spans) -> bytes | None
+// check_grads(grads, params, written_spans) -> (bytes, bytes) | None
 //
 // For each i: grads[i] is a plain contiguous float32/float16/bfloat16 tensor of params[i]'s
 // shape and device, not overlapping any written span.  ``written_spans`` holds (start, end)
 // byte addresses as uint64 pairs, sorted and disjoint (the plan's params and state buffers).
-// Returns one byte per grad (its dtype code, the key of the grad-dtype grouping), or None
-// when anything is off: the ops then run their Python check, which names the problem.
+// Returns one byte per grad (its dtype code, the key of the grad-dtype grouping) and each
+// grad's data_ptr() as a native-endian uint64 (what the kernels read: the backends need not
+// ask each tensor again), or None when anything is off: the ops then run their Python check,
+// which names the problem.
 PyObject* check_grads(PyObject*, PyObject* args) {
   PyObject *grads, *params, *spans_bytes;
   if (!PyArg_ParseTuple(args, "OOS", &grads, &params, &spans_bytes)) {
@@ -184,6 +186,7 @@ PyObject* check_grads(PyObject*, PyObject* args) {
     PyObject** grad_items = PySequence_Fast_ITEMS(grads);
     PyObject** param_items = PySequence_Fast_ITEMS(params);
     std::string codes(static_cast<size_t>(size), '\0');
+    std::string addresses(static_cast<size_t>(size) * sizeof(uint64_t), '\0');
     for (Py_ssize_t i = 0; i < size; ++i) {
       const c10::TensorImpl* grad = plain_impl(grad_items[i]);
       const c10::TensorImpl* param = plain_impl(param_items[i]);
@@ -192,10 +195,11 @@ PyObject* check_grads(PyObject*, PyObject* args) {
         Py_RETURN_NONE;
       }
       codes[static_cast<size_t>(i)] = static_cast<char>(dtype_code(grad));
+      const auto start = reinterpret_cast<uint64_t>(grad->data());
+      std::memcpy(&addresses[static_cast<size_t>(i) * sizeof(uint64_t)], &start, sizeof(uint64_t));
       if (grad->numel() == 0) {
         continue;
       }
-      const auto start = reinterpret_cast<uint64_t>(grad->data());
       const uint64_t end = start + static_cast<uint64_t>(grad->numel()) * grad->itemsize();
       // The last written span starting before ``end`` is the only one that can overlap.
       size_t low = 0, high = num_spans;
@@ -211,7 +215,12 @@ PyObject* check_grads(PyObject*, PyObject* args) {
         Py_RETURN_NONE;
       }
     }
-    return PyBytes_FromStringAndSize(codes.data(), static_cast<Py_ssize_t>(codes.size()));
+    PyObject* code_bytes = PyBytes_FromStringAndSize(codes.data(), static_cast<Py_ssize_t>(codes.size()));
+    PyObject* address_bytes = PyBytes_FromStringAndSize(addresses.data(), static_cast<Py_ssize_t>(addresses.size()));
+    PyObject* result = (code_bytes && address_bytes) ? PyTuple_Pack(2, code_bytes, address_bytes) : nullptr;
+    Py_XDECREF(code_bytes);
+    Py_XDECREF(address_bytes);
+    return result;
   } catch (const std::exception& error) {
     PyErr_SetString(PyExc_RuntimeError, error.what());
     return nullptr;
@@ -299,7 +308,8 @@ PyMethodDef methods[] = {
      "fingerprint(*lists) -> (hash, raw) of the facts validation depends on, or None for anything but "
      "plain dense CPU/CUDA tensors"},
     {"check_grads", check_grads, METH_VARARGS,
-     "check_grads(grads, params, written_spans) -> grad dtype codes, or None if any grad fails a check"},
+     "check_grads(grads, params, written_spans) -> (grad dtype codes, grad addresses as uint64), or None if "
+     "any grad fails a check"},
     {"bump_versions", bump_versions, METH_VARARGS,
      "bump_versions(*lists): bump the autograd version counter of each non-inference tensor"},
     {"same_values", same_values, METH_VARARGS,

@@ -312,9 +312,17 @@ class _GradClasses:
         self.accesses = tuple(self.accesses)
 
 
-def _grad_classes(prepared: "Prepared", group: TensorGroup, grads: Sequence[torch.Tensor]) -> _GradClasses:
-    """The gradients' per-class deltas, cached by their addresses (O(1) beyond reading them)."""
-    if prepared.all_indices and len(grads) == len(group.indices):
+def _grad_classes(prepared: "Prepared", group: TensorGroup, grads: Sequence[torch.Tensor],
+                  address_bytes) -> _GradClasses:
+    """The gradients' per-class deltas, cached by their addresses (O(1) beyond reading them).
+
+    ``address_bytes``: every gradient's data_ptr() as native uint64 bytes when the ops layer
+    read them (``FusedJob.grad_addresses``), else None and each tensor is asked."""
+    if address_bytes is not None:
+        every = memoryview(address_bytes).cast("Q")
+        addresses = tuple(every) if prepared.all_indices and len(every) == len(group.indices) else tuple(
+            prepared.pick(every))
+    elif prepared.all_indices and len(grads) == len(group.indices):
         addresses = tuple([grad.data_ptr() for grad in grads])
     else:
         addresses = tuple(map(torch.Tensor.data_ptr, prepared.pick(grads)))
@@ -428,7 +436,7 @@ def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, st
         if directions > 1:
             scalars_tensor = _upload(values, torch.float32, device,
                                      "upload the coefficients of several directions (pass 0-dim device tensors)")
-    grad_classes = _grad_classes(prepared, group, grads) if job.has_grad else None
+    grad_classes = _grad_classes(prepared, group, grads, job.grad_addresses) if job.has_grad else None
     launches = _launches(prepared, group, job, grad_classes.accesses if grad_classes is not None else None)
     guard = torch.cuda.device(device) if device.type == "cuda" and device.index != torch.cuda.current_device() \
         else contextlib.nullcontext()
