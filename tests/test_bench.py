@@ -354,10 +354,14 @@ def test_update_readme_replaces_only_the_generated_block(tmp_path):
         (tmp_path / "bench" / "results" / slug).mkdir(parents=True)
         summary = report.format_results(results, markdown=True, all_sizes=False)
         (tmp_path / "bench" / "results" / slug / "summary.md").write_text(summary)
+        (tmp_path / "bench" / "results" / slug / "results.json").write_text("{}")
+    # A folder of another tool (the offline SASS report): a summary but no results.json.
+    (tmp_path / "bench" / "results" / "sass-sm90").mkdir()
+    (tmp_path / "bench" / "results" / "sass-sm90" / "summary.md").write_text("# SASS report\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n{report.README_BEGIN}\nold\n{report.README_END}\ntail\n")
     used = report.update_readme(str(readme), str(tmp_path / "bench" / "results"))
-    assert used == ["bench/results/test-gpu", "bench/results/cpu-test"]  # GPUs first
+    assert used == ["bench/results/test-gpu", "bench/results/cpu-test"]  # GPUs first, benchmark folders only
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{report.README_END}\ntail\n") and "old" not in text
     assert "### Test GPU ([bench/results/test-gpu/](bench/results/test-gpu/))" in text

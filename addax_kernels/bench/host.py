@@ -1,13 +1,8 @@
 """Host time: microseconds of Python, checks and launches per op call and per optimizer step, on
-a list of 400 tensors of 8 elements shaped like an LLM's parameter list (4 in 5 bf16, 1 in 5
-fp32), where the kernels' own work is negligible.
-
-* each op (the state ops with float32 state buffers);
-* ``MeZO.step`` with a closure that returns a constant;
-* Addax's first-order hooks: ``Addax.step(None, fo_closure)`` minus the same backward without
-  the optimizer, per backward over the 400 parameters.
-
-The reference backend (the correctness oracle, orders of magnitude slower per tensor) is left out.
+400 tensors of 8 elements shaped like an LLM's parameter list (4 in 5 bf16, 1 in 5 fp32), one
+thread: each op (state ops with float32 state), ``MeZO.step`` with a constant closure, and
+Addax's first-order hooks (``Addax.step(None, fo_closure)`` minus the same backward without the
+optimizer).  The reference backend (the oracle, far slower per tensor) is left out.
 """
 
 from __future__ import annotations
@@ -106,8 +101,19 @@ def measure_step_host_us(what: str, backend: str, device, rounding: str = DEFAUL
                                     **timing)
 
 
+def _one_thread(measure: Callable[[], float]) -> float:
+    """``measure()`` with one torch thread (on tiny tensors more only add OpenMP fork/join time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def host_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
-    results["host"] = {"tensors": NUM_TENSORS, "layout": "8 elements each, 4 in 5 bf16, 1 in 5 fp32", "records": []}
+    results["host"] = {"tensors": NUM_TENSORS, "layout": "8 elements each, 4 in 5 bf16, 1 in 5 fp32",
+                       "torch_threads": 1, "records": []}
     measures = [(op, partial(measure_op_host_us, op)) for op in HOST_OPS]
     measures += [("MeZO.step", partial(measure_step_host_us, "mezo")),
                  ("Addax FO hooks per backward", partial(measure_step_host_us, "addax-hooks"))]
@@ -117,7 +123,7 @@ def host_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
             def task(name=name, measure=measure, backend=backend):
                 record = {"op": name, "impl": backend, "tensors": NUM_TENSORS}
                 results["host"]["records"].append(
-                    guarded(record, lambda: {"us": measure(backend, cfg.device, cfg.rounding)}))
+                    guarded(record, lambda: {"us": _one_thread(lambda: measure(backend, cfg.device, cfg.rounding))}))
 
             tasks.append((f"host {name} {backend}", task))
     return tasks

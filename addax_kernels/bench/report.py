@@ -248,7 +248,7 @@ def _tables(results: dict, markdown: bool, all_sizes: bool) -> List[str]:
     host = results.get("host")
     if host and host["records"]:
         rows = [[r["op"], r["impl"], f"{r['us']:.0f}" if "us" in r else "error"] for r in host["records"]]
-        parts += [f"Host time per call, {host['tensors']} tiny tensors ({host['layout']}):", "",
+        parts += [f"Host time per call, {host['tensors']} tiny tensors ({host['layout']}), one thread:", "",
                   format_table(("call", "impl", "us"), rows, markdown), ""]
     steps = results.get("steps")
     if steps:
@@ -315,8 +315,9 @@ def update_readme(readme: str, results_root: str) -> List[str]:
     """Replace the README's generated block with every results folder's summary.md, as the tool
     wrote it (GPUs first, each heading linked to its folder); returns the folders used."""
     sections, used = [], []
-    for path in sorted(glob.glob(os.path.join(results_root, "*", "summary.md")),
+    for path in sorted(glob.glob(os.path.join(results_root, "*", "results.json")),  # benchmark folders only
                        key=lambda p: (os.path.basename(os.path.dirname(p)).startswith("cpu-"), p)):
+        path = os.path.join(os.path.dirname(path), "summary.md")
         folder = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(readme)))
         with open(path) as handle:
             heading, _, body = handle.read().partition("\n")
