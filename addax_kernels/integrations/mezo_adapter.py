@@ -50,7 +50,7 @@ import torch
 from .._numbers import is_real_number
 from ..ops import BACKEND_CHOICES, addax_update_, perturb_, zo_adam_update_, zo_momentum_update_, zo_update_
 from ..optim import mezo_decays
-from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES, pass_roundings
+from ..optim.rounding import DEFAULT_ROUNDING, check_rounding, pass_roundings
 from ..optim.seeds import ROUNDING_STREAM, derive_seed
 from ..rng import NOISE_KINDS
 from ._zo_bench import (
@@ -69,12 +69,6 @@ _MEZO_SEED_BOUND = 1_000_000_000
 # The optimizer state the mixin keeps for ZO-Bench's torch optimizers, named as torch names it.
 _SGD_MOMENTUM_STATE = ("momentum_buffer",)
 _ADAM_STATE = ("exp_avg", "exp_avg_sq")
-
-
-def _checked_rounding(rounding: Any, name: str) -> str:
-    if rounding not in ROUNDING_CHOICES:
-        raise ValueError(f"{name} must be one of {ROUNDING_CHOICES}, got {rounding!r}")
-    return rounding
 
 
 def _check_zo_bench_host(args: Any) -> None:
@@ -167,16 +161,10 @@ class MeZOKernelsMixin:
         self.named_parameters_to_optim = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.zo_random_seed = int(np.random.randint(_MEZO_SEED_BOUND))
         self._zo_pass = 0
-        separate_restore = self._separate_restore()
 
         self.zo_perturb_parameters(scaling_factor=1)
         loss_plus = self.zo_forward(model, inputs)
-        if separate_restore:
-            self.zo_perturb_parameters(scaling_factor=-1)
-            self.zo_perturb_parameters(scaling_factor=-1)
-        else:
-            self.zo_perturb_parameters(scaling_factor=-2)
-        loss_minus = self.zo_forward(model, inputs)
+        loss_minus, _ = self._minus_side_loss(model, inputs)
         self.projected_grad = ((loss_plus - loss_minus) / (2 * self.args.zo_eps)).item()
         self.zo_perturb_parameters(scaling_factor=1)
         return loss_plus
@@ -341,13 +329,7 @@ class MeZOKernelsMixin:
             self.zo_perturb_parameters(scaling_factor=-1)
             loss_theta = self.zo_forward(model, inputs)
             return loss_plus, ((loss_plus - loss_theta) / eps).item(), None
-        separate_restore = self._separate_restore()
-        if separate_restore:
-            self.zo_perturb_parameters(scaling_factor=-1)
-            self.zo_perturb_parameters(scaling_factor=-1)
-        else:
-            self.zo_perturb_parameters(scaling_factor=-2)
-        loss_minus = self.zo_forward(model, inputs)
+        loss_minus, separate_restore = self._minus_side_loss(model, inputs)
         projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()
         if separate_restore:
             self.zo_perturb_parameters(scaling_factor=1)
@@ -406,12 +388,23 @@ class MeZOKernelsMixin:
         return [p for _, p in params]
 
     def _zo_roundings(self):
-        return pass_roundings(_checked_rounding(self.zo_rounding, "zo_rounding"))
+        return pass_roundings(check_rounding(self.zo_rounding, "zo_rounding"))
 
     def _zo_sparsity(self) -> float:
         if not is_zo_bench_host(self.args):
             return 0.0
         return zo_bench_sparsity(getattr(self.args, "gradient_sparsity", None))
+
+    def _minus_side_loss(self, model: torch.nn.Module, inputs: Any) -> Tuple[torch.Tensor, bool]:
+        """From θ + ε·z to θ − ε·z, and the loss there: one −2ε pass, or −ε twice when each
+        perturbation is undone by a pass of its own.  Returns (ℓ−, whether it was undone apart)."""
+        separate_restore = self._separate_restore()
+        if separate_restore:
+            self.zo_perturb_parameters(scaling_factor=-1)
+            self.zo_perturb_parameters(scaling_factor=-1)
+        else:
+            self.zo_perturb_parameters(scaling_factor=-2)
+        return self.zo_forward(model, inputs), separate_restore
 
     def _separate_restore(self) -> bool:
         """Whether each perturbation is undone by a pass of its own (the rounding policy says
@@ -491,7 +484,7 @@ class MeZOAdapter(MeZOKernelsMixin):
             raise ValueError(f"eps must be a positive float, got {eps!r}")
         if noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-        _checked_rounding(rounding, "rounding")
+        check_rounding(rounding, "rounding")
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.args = MeZOArguments(zo_eps=float(eps), weight_decay=float(weight_decay))

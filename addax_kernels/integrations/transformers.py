@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainingArguments
 
 from ..ops import BACKEND_CHOICES
-from ..optim.rounding import DEFAULT_ROUNDING, ROUNDING_CHOICES
+from ..optim.rounding import DEFAULT_ROUNDING, check_rounding
 from ..rng import NOISE_KINDS
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments"]
@@ -144,8 +144,7 @@ class ZOTrainingArguments(TrainingArguments):
             raise ValueError("zo_num_directions > 1 is a MeZO option; Addax uses one direction per step")
         if self.zo_noise not in NOISE_KINDS:
             raise ValueError(f"zo_noise must be one of {NOISE_KINDS}, got {self.zo_noise!r}")
-        if self.zo_rounding not in ROUNDING_CHOICES:
-            raise ValueError(f"zo_rounding must be one of {ROUNDING_CHOICES}, got {self.zo_rounding!r}")
+        check_rounding(self.zo_rounding, "zo_rounding")
         if self.zo_backend not in BACKEND_CHOICES:
             raise ValueError(f"zo_backend must be one of {BACKEND_CHOICES}, got {self.zo_backend!r}")
         if self.zo_seed is not None and not 0 <= self.zo_seed < 2**64:

@@ -253,13 +253,24 @@ __device__ __forceinline__ void store_one(uint64_t base, int64_t index, float x,
   }
 }
 
+// One aligned vector load: through the non-coherent read-only path (__ldg) for memory the
+// kernel never writes (gradients), a plain load otherwise (parameters, state).
+template <bool kReadOnly, typename V>
+__device__ __forceinline__ V load_raw(const V* address) {
+  if constexpr (kReadOnly) {
+    return __ldg(address);
+  } else {
+    return *address;
+  }
+}
+
 // E elements of type T from 16-byte-aligned memory (E * size bytes: 8, 16 or 32).
-template <StorageType T, int E>
+template <StorageType T, int E, bool kReadOnly = false>
 __device__ __forceinline__ void load_vector(const void* address, float (&x)[E]) {
   if constexpr (T == StorageType::kFloat32) {
 #pragma unroll
     for (int v = 0; v < E / 4; ++v) {
-      const float4 raw = reinterpret_cast<const float4*>(address)[v];
+      const float4 raw = load_raw<kReadOnly>(reinterpret_cast<const float4*>(address) + v);
       x[4 * v + 0] = raw.x;
       x[4 * v + 1] = raw.y;
       x[4 * v + 2] = raw.z;
@@ -268,52 +279,14 @@ __device__ __forceinline__ void load_vector(const void* address, float (&x)[E]) 
   } else {
     uint32_t words[E / 2];
     if constexpr (E == 8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(address);
+      const uint4 raw = load_raw<kReadOnly>(reinterpret_cast<const uint4*>(address));
       words[0] = raw.x;
       words[1] = raw.y;
       words[2] = raw.z;
       words[3] = raw.w;
     } else {
       static_assert(E == 4, "16-bit vectors are 8 or 16 bytes");
-      const uint2 raw = *reinterpret_cast<const uint2*>(address);
-      words[0] = raw.x;
-      words[1] = raw.y;
-    }
-#pragma unroll
-    for (int w = 0; w < E / 2; ++w) {
-      if constexpr (T == StorageType::kBFloat16) {
-        x[2 * w] = bf16_low(words[w]);
-        x[2 * w + 1] = bf16_high(words[w]);
-      } else {
-        x[2 * w] = fp16_to_float(static_cast<uint16_t>(words[w]));
-        x[2 * w + 1] = fp16_to_float(static_cast<uint16_t>(words[w] >> 16));
-      }
-    }
-  }
-}
-
-// Read-only (gradient) vectors through the non-coherent path.
-template <StorageType T, int E>
-__device__ __forceinline__ void load_vector_readonly(const void* address, float (&x)[E]) {
-  if constexpr (T == StorageType::kFloat32) {
-#pragma unroll
-    for (int v = 0; v < E / 4; ++v) {
-      const float4 raw = __ldg(reinterpret_cast<const float4*>(address) + v);
-      x[4 * v + 0] = raw.x;
-      x[4 * v + 1] = raw.y;
-      x[4 * v + 2] = raw.z;
-      x[4 * v + 3] = raw.w;
-    }
-  } else {
-    uint32_t words[E / 2];
-    if constexpr (E == 8) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));
-      words[0] = raw.x;
-      words[1] = raw.y;
-      words[2] = raw.z;
-      words[3] = raw.w;
-    } else {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(address));
+      const uint2 raw = load_raw<kReadOnly>(reinterpret_cast<const uint2*>(address));
       words[0] = raw.x;
       words[1] = raw.y;
     }
@@ -525,7 +498,7 @@ __device__ __forceinline__ void fast_unit(const LaunchContext& L, const ChunkCon
   float grad[E];
   if constexpr (K::O == Op::kGrad) {
     __builtin_assume(__isGlobal(grad_address));
-    load_vector_readonly<K::Grad::value, E>(grad_address, grad);
+    load_vector<K::Grad::value, E, true>(grad_address, grad);
   }
   update_elements<K, kDecay, E>(x, grad, z, L.c, C.decay);
   uint32_t words[E];
