@@ -47,21 +47,16 @@ def host_overhead_table(backends: Sequence[str], ops: Sequence[str] = HOST_OPS, 
     """``{row: {op or step: µs}}``: per backend the whole call (ops and optimizer steps) and, with
     ``stub``, the ops with the backend's ``run`` stubbed."""
     rows: Dict[str, Dict[str, float]] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for backend in backends:
-            if backend != "reference":
-                row = {op: measure_op_host_us(op, backend, device, count=count, calls=calls) for op in ops}
-                for label, what in STEPS.items():
-                    row[label] = measure_step_host_us(what, backend, device, count=count, calls=max(1, calls // 10))
-                rows[backend] = row
-            if stub or backend == "reference":
-                with _stubbed_kernels(backend):
-                    rows[f"{backend}, run stubbed"] = {
-                        op: measure_op_host_us(op, backend, device, count=count, calls=calls) for op in ops}
-    finally:
-        torch.set_num_threads(threads)
+    for backend in backends:
+        if backend != "reference":
+            row = {op: measure_op_host_us(op, backend, device, count=count, calls=calls) for op in ops}
+            for label, what in STEPS.items():
+                row[label] = measure_step_host_us(what, backend, device, count=count, calls=max(1, calls // 10))
+            rows[backend] = row
+        if stub or backend == "reference":
+            with _stubbed_kernels(backend):
+                rows[f"{backend}, run stubbed"] = {
+                    op: measure_op_host_us(op, backend, device, count=count, calls=calls) for op in ops}
     return rows
 
 

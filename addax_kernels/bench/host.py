@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ import addax_kernels as ak
 from addax_kernels.optim.rounding import DEFAULT_ROUNDING, pass_roundings
 
 from .kernels import ALPHA, EPS, LR, MOMENTUM, SEED, WEIGHT_DECAY, ZO_GRAD, guarded
-from .timing import host_seconds_added, host_seconds_per_call
+from .timing import host_seconds_added
 
 HOST_OPS = ("perturb_", "zo_update_", "addax_update_", "zo_momentum_update_", "zo_adam_update_")
 NUM_TENSORS = 400
@@ -62,13 +62,24 @@ def op_call(op: str, params: List[torch.Tensor], backend: str, rounding: str = D
     raise ValueError(f"op must be one of {HOST_OPS}, got {op!r}")
 
 
+def _host_us(fn: Callable[[], object], baseline: Optional[Callable[[], object]], device, **timing) -> float:
+    """Median host µs of ``fn()`` (minus ``baseline()``, :func:`.timing.host_seconds_added`) with one
+    torch thread: on tiny tensors more threads only add OpenMP fork/join time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return 1e6 * host_seconds_added(fn, baseline, device, **timing)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_op_host_us(op: str, backend: str, device, rounding: str = DEFAULT_ROUNDING, count: int = NUM_TENSORS,
                        **timing) -> float:
-    """Median host microseconds of one ``op`` call on :func:`llm_shaped_params` (``count`` tensors);
-    ``timing``: ``calls``/``blocks`` of :func:`.timing.host_seconds_per_call`."""
+    """Median host microseconds of one ``op`` call on :func:`llm_shaped_params` (``count`` tensors),
+    one thread; ``timing``: ``calls``/``blocks`` of :func:`.timing.host_seconds_added`."""
     device = torch.device(device)
     call = op_call(op, llm_shaped_params(device, count), backend, rounding)
-    return 1e6 * host_seconds_per_call(call, device, **timing)
+    return _host_us(call, None, device, **timing)
 
 
 def _fo_loss(params: List[torch.Tensor]) -> torch.Tensor:
@@ -78,7 +89,7 @@ def _fo_loss(params: List[torch.Tensor]) -> torch.Tensor:
 def measure_step_host_us(what: str, backend: str, device, rounding: str = DEFAULT_ROUNDING, count: int = NUM_TENSORS,
                          **timing) -> float:
     """``"mezo"``: host µs of ``MeZO.step`` with a constant closure; ``"addax-hooks"``: host µs
-    Addax's FO hooks add to one backward over the tensors (step minus plain backward)."""
+    Addax's FO hooks add to one backward over the tensors (step minus plain backward); one thread."""
     from addax_kernels.optim import Addax, MeZO
 
     device = torch.device(device)
@@ -86,7 +97,7 @@ def measure_step_host_us(what: str, backend: str, device, rounding: str = DEFAUL
     if what == "mezo":
         constant = torch.zeros((), device=device)
         optimizer = MeZO(params, lr=LR, eps=EPS, backend=backend, rounding=rounding)
-        return 1e6 * host_seconds_per_call(lambda: optimizer.step(lambda: constant), device, **timing)
+        return _host_us(lambda: optimizer.step(lambda: constant), None, device, **timing)
 
     if what != "addax-hooks":
         raise ValueError(f"what must be 'mezo' or 'addax-hooks', got {what!r}")
@@ -97,18 +108,7 @@ def measure_step_host_us(what: str, backend: str, device, rounding: str = DEFAUL
             param.grad = None
 
     optimizer = Addax(params, lr=LR, eps=EPS, alpha=ALPHA, backend=backend, rounding=rounding)
-    return 1e6 * host_seconds_added(lambda: optimizer.step(None, lambda: _fo_loss(params)), plain_backward, device,
-                                    **timing)
-
-
-def _one_thread(measure: Callable[[], float]) -> float:
-    """``measure()`` with one torch thread (on tiny tensors more only add OpenMP fork/join time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return measure()
-    finally:
-        torch.set_num_threads(threads)
+    return _host_us(lambda: optimizer.step(None, lambda: _fo_loss(params)), plain_backward, device, **timing)
 
 
 def host_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
@@ -123,7 +123,7 @@ def host_tasks(cfg, results: dict) -> List[Tuple[str, Callable[[], None]]]:
             def task(name=name, measure=measure, backend=backend):
                 record = {"op": name, "impl": backend, "tensors": NUM_TENSORS}
                 results["host"]["records"].append(
-                    guarded(record, lambda: {"us": _one_thread(lambda: measure(backend, cfg.device, cfg.rounding))}))
+                    guarded(record, lambda: {"us": measure(backend, cfg.device, cfg.rounding)}))
 
             tasks.append((f"host {name} {backend}", task))
     return tasks

@@ -52,7 +52,6 @@ class _FirstOrderPhase:
         self.zo_grads: List[Union[float, torch.Tensor]] = zo_grads  # per update call
         self.lrs = lrs  # per update call
         self.updated = bytearray(len(slot_info))  # per layout position
-        self.consumed = 0
         # The queue, in arrival order; grouped by update call only when it is applied.
         self.pending_slots: List[int] = []
         self.pending_grads: List[torch.Tensor] = []
@@ -64,6 +63,11 @@ class _FirstOrderPhase:
         # (Update calls are grouped by device: their first tensors name every device.)
         devices = {call.tensors[0].device for call in plan.update_calls if call.tensors}
         self.lock = threading.Lock() if len(devices) > 1 else None
+
+    @property
+    def consumed(self) -> int:
+        """Parameters updated so far in this step."""
+        return self.updated.count(1)
 
     def take(self, param: torch.Tensor) -> None:
         """The hook's work: queue ``param``'s fresh gradient (once per step) and clear ``.grad``."""
@@ -86,7 +90,6 @@ class _FirstOrderPhase:
 
     def _queue(self, slot: int, grad: torch.Tensor) -> None:
         self.updated[slot] = 1
-        self.consumed += 1
         self.pending_slots.append(slot)
         self.pending_grads.append(grad)
         self.pending_bytes += self.slot_info[slot][2]
