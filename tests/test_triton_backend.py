@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,9 @@ HUGE_SEED = 2**64 - 12345  # >= 2**63: exercises the high key word and the signe
 
 # Tests that need CPU tensors at arbitrary addresses run under the interpreter only.
 requires_cpu_interpreter = pytest.mark.skipif(HAS_CUDA, reason="builds misaligned CPU tensors for the interpreter")
+# Tests of the fused pass itself (the helpers' own small kernels run wherever triton imports).
+FUSED_PASS_REASON = triton_backend.unavailable_reason(DEVICE)
+requires_fused_pass = pytest.mark.skipif(FUSED_PASS_REASON is not None, reason=f"triton: {FUSED_PASS_REASON}")
 
 # The interpreter evaluates kernels with numpy, which warns about inf/NaN inputs that the
 # rounding tests feed on purpose.
@@ -69,9 +73,19 @@ def test_availability_reasons(monkeypatch):
     if HAS_CUDA:
         assert triton_backend.unavailable_reason(torch.device("cuda")) is None
     else:
-        assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+        assert triton_backend.unavailable_reason(torch.device("cpu")) == triton_backend._interpreter_conflict()
         assert "CPU tensors only" in triton_backend.unavailable_reason(torch.device("cuda"))
     assert "not on meta" in triton_backend.unavailable_reason(torch.device("meta"))
+    # Triton 3.6's interpreter with NumPy >= 2.4 (triton 3.7 and NumPy 2.3 are each fine).
+    for triton_version, numpy_version, refused in (("3.6.0", "2.4.1", True), ("3.7.0", "2.5.0", False),
+                                                   ("3.6.0", "2.3.5", False)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(np, "__version__", numpy_version)
+        reason = triton_backend._interpreter_conflict()
+        assert (reason is not None) == refused, (triton_version, numpy_version, reason)
+        if refused:
+            assert "triton 3.6.0" in reason and "NumPy 2.4.1" in reason and "triton >= 3.7" in reason
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
     reason = triton_backend.unavailable_reason(DEVICE)
     assert reason is not None and "triton cannot be imported" in reason
@@ -167,6 +181,7 @@ def test_gaussian_transform_over_every_uniform():
         assert error.mean().item() <= SPEC_Z_MEAN_ABS
 
 
+@requires_fused_pass
 @pytest.mark.parametrize("seed, tid, offset", [(0, 0, 0), (HUGE_SEED, 7, 3), (2**63, 2**32 - 1, 2**40 + 1)])
 def test_gaussian_noise_matches_spec_bound(seed, tid, offset):
     count = 1 << 12 if not HAS_CUDA else 1 << 20
@@ -200,6 +215,7 @@ def _special_float32_values(generator):
     return torch.cat([random_bits.view(torch.float32), edges, near_ties])
 
 
+@requires_fused_pass
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_rounding_is_bit_exact(dtype, rounding, generator):
@@ -242,6 +258,7 @@ def _group(params, grads=None, states=(), offsets=None, tids=None, decay=None):
     )
 
 
+@requires_fused_pass
 @requires_cpu_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_misaligned_tensors_get_their_own_class(dtype, generator):
@@ -286,6 +303,7 @@ def test_prepared_keeps_no_tensor():
     assert all(watcher() is None for watcher in watchers) and prepared.classes
 
 
+@requires_fused_pass
 def test_steady_state_calls_upload_nothing(monkeypatch, generator):
     """run() with a prepared group: only seeds and scalars change, so nothing is uploaded; new
     gradient addresses upload their deltas once, repeated ones come from the cache."""

@@ -13,8 +13,9 @@ between compiling and interpreting when a kernel is defined.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,6 +31,27 @@ def _interpreter_requested() -> bool:
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):
         return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _leading_numbers(version: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def _interpreter_conflict() -> Optional[str]:
+    """Why this triton's interpreter cannot run the kernels with this NumPy, or None.
+
+    Triton 3.6's interpreter takes int() of a runtime integer argument held as a 1-element
+    array, which NumPy 2.4 refuses; the kernels loop over such counts.  Triton 3.7 fixed it.
+    """
+    import numpy
+    import triton
+
+    if _leading_numbers(triton.__version__) < (3, 7) and _leading_numbers(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} cannot run these kernels with NumPy "
+                f"{numpy.__version__} (it calls int() on 1-element arrays, which NumPy >= 2.4 refuses); "
+                "use triton >= 3.7 or numpy < 2.4 for the CPU interpreter")
+    return None
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -57,7 +79,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
                     "set TRITON_INTERPRET=1 before the first use")
         if loaded is not None and not loaded.INTERPRETED:
             return "the Triton kernels were compiled for GPU in this process before TRITON_INTERPRET=1 was set"
-        return None
+        return _interpreter_conflict()
     return f"the Triton backend runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
