@@ -19,6 +19,7 @@ the CUDA transform is held to SPEC §1 (1e-3 max, 1e-6 mean over a million).
 from __future__ import annotations
 
 import math
+import re
 import os
 
 import numpy as np
@@ -643,3 +644,22 @@ def test_sass_variants_map_to_kernels_of_the_source():
     assert len(keys) == len(sass.VARIANTS)  # every row is its own kernel
     # The budget of the issue: ~31 instructions per element for a bf16 pass, ~62 for fp32.
     assert 31.0 < sass.budget_per_element(4) < 31.5 and 62.0 < sass.budget_per_element(8) < 62.6
+
+
+def test_sass_rows_and_summary_name_their_compiler():
+    """The counts depend on the compiler, so each row and the summary say which one made them."""
+    from addax_kernels import sass
+    from addax_kernels.sass import native_backend as sass_native
+
+    variant = sass.Variant("perturb", "bf16")  # 4 bytes per element: a budget of 31.16 instructions
+    rows = [sass.make_row("native", variant, 20.0, 40, 0, 16, "nvcc V13.0.88"),
+            sass.make_row("triton", variant, 2 * 31.16, 40, 0, 16, "triton 3.6.0")]
+    assert [tuple(row) for row in rows] == [sass.ROW_FIELDS] * 2
+    summary = sass._format_summary(rows, [])
+    assert "Compiled with: native: nvcc V13.0.88; triton: triton 3.6.0." in summary
+    assert "| triton | perturb | bf16 | - | gaussian | nearest | 62.3 | 31.2 | 0.50 | >= 0.95 MISSED |" in summary
+    try:
+        version = sass_native.nvcc_version()
+    except FileNotFoundError:
+        pytest.skip("no nvcc here")
+    assert re.fullmatch(r"nvcc V\d+\.\d+(\.\d+)*", version), version

@@ -114,12 +114,13 @@ VARIANTS: Tuple[Variant, ...] = (
 )
 
 ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding", "sass_per_element", "registers",
-              "spills", "access_bytes", "estimated_cap")
+              "spills", "access_bytes", "estimated_cap", "compiler")
 
 
 def make_row(backend: str, variant: Variant, sass_per_element: float, registers: int, spills: int,
-             access_bytes: int, **details) -> dict:
-    """A report row (the ROW_FIELDS, then backend-specific ``details``)."""
+             access_bytes: int, compiler: str, **details) -> dict:
+    """A report row (the ROW_FIELDS, then backend-specific ``details``); ``compiler`` names the
+    compiler and its version, since the counts depend on them."""
     row = {
         "backend": backend,
         **{key: value for key, value in asdict(variant).items()},
@@ -128,6 +129,7 @@ def make_row(backend: str, variant: Variant, sass_per_element: float, registers:
         "spills": spills,
         "access_bytes": access_bytes,
         "estimated_cap": round(estimated_cap(variant.bytes_per_element(), sass_per_element), 3),
+        "compiler": compiler,
     }
     row.update(details)
     return row
@@ -155,6 +157,9 @@ def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
         f"Budget: {H200_THREAD_INSTRUCTIONS_PER_S:.3g} thread-instructions/s against {H200_COPY_BYTES_PER_S:.3g} B/s "
         f"of copy bandwidth; per-program work amortized over {MODEL_TENSORS} tensors, {MODEL_ELEMENTS} elements "
         "in all. estimated_cap = min(1, budget / sass_per_element); target: the cap a variant is held to.",
+        "",
+        "Compiled with: " + "; ".join(sorted({f"{row['backend']}: {row['compiler']}"
+                                              for row in rows})) + ".",
         "",
         "| backend | op | param | grad | noise | rounding | SASS/elem | budget | cap | target | regs | spills | access B |",
         "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",

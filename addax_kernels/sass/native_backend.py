@@ -123,6 +123,14 @@ def compile_cubin(out_dir: str) -> Tuple[str, str]:
     return cubin, result.stderr
 
 
+def nvcc_version() -> str:
+    """``nvcc V13.0.88``-style name of the compiler the report used (its counts depend on it)."""
+    output = subprocess.run([os.path.join(_cuda_home(), "bin", "nvcc"), "--version"], capture_output=True,
+                            text=True).stdout
+    match = re.search(r"\bV(\d+(?:\.\d+)+)", output)
+    return f"nvcc {match.group(0)}" if match else "nvcc (version not reported)"
+
+
 # ----------------------------------------------------------------------------- the source's facts
 
 
@@ -422,6 +430,7 @@ def native_rows(variants: Sequence[Variant] = VARIANTS) -> List[dict]:
         cubin, log = compile_cubin(directory)
         kernels = disassemble(cubin)
     resources = _ptxas_resources(log)
+    compiler = nvcc_version()
     by_key = {}
     for name in kernels:
         match = _KERNEL_NAME.search(name)
@@ -438,7 +447,7 @@ def native_rows(variants: Sequence[Variant] = VARIANTS) -> List[dict]:
         registers, spills = resources.get(name, (0, 0))
         parts = per_element(counts, variant, registers, facts)
         rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, spills,
-                             counts.access_bytes, **parts))
+                             counts.access_bytes, compiler, **parts))
     return rows
 
 

@@ -344,13 +344,16 @@ def per_element(counts: KernelCounts, block: int, num_warps: int) -> float:
 
 
 def variant_row(variant: Variant) -> dict:
+    import triton
+
     from ..backends.triton import launch
 
     compiled, warps = _compile(variant)
     cubin = compiled.asm["cubin"]
     counts = analyze(Sass(disassemble(cubin)), registers(cubin))
     instructions = per_element(counts, launch.BLOCK, warps)
-    return make_row("triton", variant, instructions, counts.registers, counts.spills, counts.access_bytes)
+    return make_row("triton", variant, instructions, counts.registers, counts.spills, counts.access_bytes,
+                    f"triton {triton.__version__}")
 
 
 def _rows_here(variants) -> List[dict]:
