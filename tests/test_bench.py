@@ -323,6 +323,18 @@ def test_cli_end_to_end_writes_json_png_and_summary(tmp_path, capsys, restore_to
     assert "| op | dtype | size | impl |" in (out / "summary.md").read_text()
 
 
+def test_cli_keeps_the_profilers_lines_off_stderr(tmp_path):
+    """Kineto prints a start and a stop line per CPU memory measurement unless its log level is 6
+    when it first starts (once per process, so this runs the CLI in a fresh one)."""
+    env = {key: value for key, value in os.environ.items() if key != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "addax_kernels", "bench", *TINY, "--sections", "kernels",
+                           "--ops", "perturb", "--no-plot", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["kernels"]  # memory was measured
+    assert "USDT:" not in done.stderr
+
+
 def test_time_limit_skips_and_still_writes(tmp_path, restore_torch_threads):
     out = tmp_path / "limited"
     code = cli.main([*TINY, "--sections", "kernels", "--time-limit", "0", "--no-plot", "--out", str(out)])

@@ -186,6 +186,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kern
     cfg = build_config(args, parser)
     cfg.argv = argv
     signal.signal(signal.SIGTERM, _interrupt)  # a time-boxed run (timeout) still writes its results
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at Kineto's first start: no line per CPU memory meter
     failed = failures(run(cfg))
     if failed:
         print(f"{failed} measurement(s) failed: see the errors above and in results.json", file=sys.stderr)
