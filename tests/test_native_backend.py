@@ -19,8 +19,8 @@ the CUDA transform is held to SPEC §1 (1e-3 max, 1e-6 mean over a million).
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 
 import numpy as np
 import pytest
