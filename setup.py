@@ -264,7 +264,7 @@ def _extensions():
             depends=[
                 os.path.join(CSRC, name)
                 for name in ("philox.h", "fused_job.h", "build_flags.py", "cpu/fused_cpu.h", "cpu/tile_kernels.h",
-                             "cpu/simd_lanes.h", "cuda/fused_cuda.h", "cuda/device_math.cuh")
+                             "cpu/simd_lanes.h", "cuda/fused_cuda.h", "cuda/device_math.cuh", "cuda/ptx.cuh")
             ],
             language="c++",
         )

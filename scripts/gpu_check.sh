@@ -88,11 +88,12 @@ report = ak.backend_report('cuda' if torch.cuda.is_available() else 'cpu')
 print(report)
 sys.exit(0 if report['native'] == 'available' else 1)"
 }
-phase_gpu_tests() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "cuda or gpu"; }
+# The CPU emulation of the CUDA kernels (tests/cuda_emulation) needs no GPU: it runs with the suite.
+phase_gpu_tests() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "(cuda or gpu) and not emulation"; }
 phase_bench() {  # stops starting measurements at BENCH_TIME_LIMIT and still writes its files
     "$PYTHON" -m addax_kernels bench --out "$OUT/bench" --no-progress --time-limit "$BENCH_TIME_LIMIT" $BENCH_ARGS
 }
-phase_suite() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "not (cuda or gpu)"; }
+phase_suite() { OMP_NUM_THREADS=1 "$PYTHON" -m pytest $PYTEST_ARGS tests -k "not (cuda or gpu) or emulation"; }
 export -f phase_env phase_build phase_gpu_tests phase_bench phase_suite
 export OUT PYTEST_ARGS BENCH_ARGS
 

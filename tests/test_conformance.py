@@ -2,7 +2,9 @@
 
 One suite for all backends: each test runs once per (backend, device) that can run here —
 native on the CPU, Triton under its interpreter on the CPU (TRITON_INTERPRET=1, set by
-conftest), and both compiled on CUDA when a GPU exists — and compares the public op's result
+conftest), the native backend's CUDA kernels compiled for the CPU emulation of
+tests/cuda_emulation ("cuda-emulation", on CPU tensors), and both fast backends compiled on
+CUDA when a GPU exists — and compares the public op's result
 with the pure-PyTorch reference backend (itself checked against float64 formulas and
 torch.optim in test_ops.py / test_optim.py).  Tolerances: tests/tolerance.py.  Backend-specific
 behaviour (ISA variants, offline compiles, launch limits) lives in test_native_backend.py and
@@ -17,6 +19,7 @@ import torch
 
 import addax_kernels as ak
 from addax_kernels import rng
+from cuda_emulation import backend as cuda_emulation
 from known_answers import spec_kept
 from tolerance import assert_matches_reference
 
@@ -31,8 +34,11 @@ BIG_SEED = 2**64 - 12345  # >= 2**63: both key words, and the int64 encoding of 
 SIZES = (1, 3, 4097, 133, 128, 640)
 
 
+EMULATION = "cuda-emulation"
+
+
 def _cases():
-    cases = [("native", "cpu"), ("triton", "cpu")]
+    cases = [("native", "cpu"), ("triton", "cpu"), ("native", EMULATION)]
     if HAS_CUDA:
         cases += [("triton", "cuda"), ("native", "cuda")]
     return [pytest.param((backend, device), id=f"{backend}-{device}") for backend, device in cases]
@@ -41,10 +47,17 @@ def _cases():
 @pytest.fixture(params=_cases())
 def backend_device(request):
     backend, device = request.param
+    if device == EMULATION:
+        missing = cuda_emulation.missing_toolchain()
+        if missing:
+            pytest.skip(f"the CUDA emulation needs {missing}")
+        with cuda_emulation.installed():  # a failed build is an error, not a skip
+            yield backend, torch.device("cpu")
+        return
     reason = ak.backend_report(device)[backend]
     if reason != "available":
         pytest.skip(f"{backend} on {device}: {reason}")
-    return backend, torch.device(device)
+    yield backend, torch.device(device)
 
 
 def _params(sizes, dtype, device, seed=0, scale=0.05):
@@ -67,7 +80,7 @@ def _both(op, backend, tensor_lists, *args, **kwargs):
 
 def _exact(noise: str, device: torch.device) -> bool:
     """Rademacher z is exact; without FMA contraction (CPU kernels) the pass is then bit-exact."""
-    return noise == "rademacher" and device.type == "cpu"
+    return noise == "rademacher" and device.type == "cpu" and not cuda_emulation.active()
 
 
 # ----------------------------------------------------------------------------- the three ops
@@ -292,21 +305,23 @@ def test_mixed_dtypes_in_one_call_equal_separate_calls(backend_device):
 
 
 def test_misaligned_tensors_equal_aligned_copies(backend_device):
-    """A 16-bit tensor starting off a 16-byte boundary, and (CPU) an fp32 tensor whose address is
-    not even a multiple of 4, get the z of their element indices like aligned tensors do."""
+    """A 16-bit tensor starting off a 16-byte boundary, and (CPU kernels) an fp32 tensor whose
+    address is not even a multiple of 4, get the z of their element indices like aligned
+    tensors do.  (CUDA memory is always element-aligned, and the emulation traps otherwise.)"""
     backend, device = backend_device
     storage = _params((4100,), torch.bfloat16, device, seed=18)[0]
     odd_view = storage[1:4098]  # starts 2 bytes past an aligned address
     aligned = odd_view.clone()
     tensors = [odd_view, aligned]
-    if device.type == "cpu":
+    unaligned_floats = device.type == "cpu" and not cuda_emulation.active()
+    if unaligned_floats:
         raw = bytearray(4 * 1000 + 2)
         misaligned = torch.frombuffer(raw, dtype=torch.float32, offset=2, count=1000)
         misaligned.copy_(torch.linspace(-1, 1, 1000))
         tensors += [misaligned, misaligned.clone()]
     ak.perturb_(tensors, 8, 1e-2, tids=[5, 5, 6, 6][: len(tensors)], rounding="stochastic", backend=backend)
     assert torch.equal(odd_view.view(torch.int16), aligned.view(torch.int16))
-    if device.type == "cpu":
+    if unaligned_floats:
         assert torch.equal(tensors[2], tensors[3])
 
 

@@ -11,7 +11,9 @@ Why these bounds:
   covered by the ulps).
 * A float32 difference that small flips a bf16/fp16 rounding (nearest or stochastic) rarely, and
   by one storage ulp: every element is equal or one ulp apart, and at most MAX_FLIPPED_FRACTION
-  of the elements of one call differ.
+  of the elements of one call differ.  Where an update cancels the parameter almost exactly the
+  result is so small that the float32 difference spans several storage ulps: such an element
+  may differ by more than one ulp as long as it differs by no more than that float32 bound.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def assert_matches_reference(actual: Sequence[torch.Tensor], expected: Sequence[
             assert excess <= 0.0, f"{name}: float32 difference exceeds the tolerance by {excess}"
             continue
         distance = (_positions(a.view(torch.int16)) - _positions(e.view(torch.int16))).abs()
-        assert not distance.numel() or int(distance.max()) <= 1, f"{name}: differs by {int(distance.max())} storage ulps"
+        within_float32_bound = (a.float() - e.float()).abs() <= noise_weight * Z_DISAGREEMENT[got.device.type]
+        far = (distance > 1) & ~within_float32_bound
+        assert not bool(far.any()), f"{name}: differs by {int(distance[far].max())} storage ulps"
         flipped.append(distance)
     if flipped:
         fraction = (torch.cat(flipped) > 0).double().mean().item()

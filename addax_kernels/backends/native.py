@@ -38,7 +38,7 @@ except ImportError as _error:  # not built (ADDAX_KERNELS_NO_NATIVE=1, failed bu
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["unavailable_reason", "prepare", "run", "philox4x32", "uniforms", "build_info"]
+__all__ = ["unavailable_reason", "prepare", "run", "prepare_with", "run_with", "philox4x32", "uniforms", "build_info"]
 
 _STORAGE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOISE_KINDS = {"gaussian": 0, "rademacher": 1}
@@ -136,8 +136,14 @@ def prepare(group: TensorGroup, params: Sequence[torch.Tensor], states: Sequence
     ``group.indices`` (all non-empty, contiguous, on ``group.device``).  On CUDA the table is
     copied to the device here, once.
     """
-    module = _require_extension()
     device = _CPU_DEVICE if group.device.type == "cpu" else _device_index(group.device)
+    return prepare_with(_require_extension(), device, group, params, states)
+
+
+def prepare_with(module, device: int, group: TensorGroup, params, states):
+    """:func:`prepare` through ``module``, an extension built from csrc/bindings.cpp, for its
+    device ``device`` (-1: the CPU kernels, else a CUDA device index).  The tests pass the CPU
+    emulation of the CUDA kernels (tests/cuda_emulation) this way."""
     indices = group.indices
     return module.prepare(
         device,
@@ -168,12 +174,23 @@ def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> N
     """The fused pass over the group ``prepared`` describes, in place (O(1) Python work).
 
     ``grads`` is the op's whole gradient list (or None); the extension reads the addresses of
-    the group's entries, from ``job.grad_addresses`` when the ops layer has them.  Device seeds and scalars are passed by address and read by the kernel
-    on the current stream (no host sync).  ``params`` and ``states`` are not read here: their
-    addresses were fixed by :func:`prepare`.
+    the group's entries, from ``job.grad_addresses`` when the ops layer has them.  Device seeds
+    and scalars are passed by address and read by the kernel on the current stream (no host
+    sync).  ``params`` and ``states`` are not read here: their addresses were fixed by
+    :func:`prepare`.
     """
+    if prepared.device == _CPU_DEVICE:
+        threads, stream = torch.get_num_threads(), 0
+    else:
+        threads, stream = 1, _raw_stream(prepared.device)
+    run_with(_C, prepared, group, job, grads, threads, stream)
+
+
+def run_with(module, prepared, group: TensorGroup, job: FusedJob, grads, threads: int, stream: int) -> None:
+    """:func:`run` through ``module`` (see :func:`prepare_with`) with ``threads`` OpenMP threads
+    (CPU groups) or on the CUDA stream whose handle is ``stream`` (CUDA groups)."""
     seeds, scalars = job.seeds, job.scalars
-    if prepared.device != _CPU_DEVICE and job.num_directions > _C.cuda_param_directions:
+    if prepared.device != _CPU_DEVICE and job.num_directions > module.cuda_param_directions:
         seeds, scalars = _on_device(seeds, scalars, group.device)
     if seeds.tensor is None:
         seed_values, seed_address, num_seeds = seeds.values, 0, 0
@@ -183,13 +200,10 @@ def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> N
         scalar_values, scalar_address, num_scalars = scalars.values, 0, 0
     else:
         scalar_values, scalar_address, num_scalars = (), scalars.tensor.data_ptr(), scalars.tensor.numel()
-    if prepared.device == _CPU_DEVICE:
-        threads, stream = torch.get_num_threads(), 0
-    else:
-        threads, stream = 1, _raw_stream(prepared.device)
-    _C.run(prepared, grads if job.grad_addresses is None else job.grad_addresses, seed_values, seed_address, num_seeds, scalar_values, scalar_address, num_scalars,
-           _NOISE_KINDS[job.noise], _ROUNDING_MODES[job.rounding], job.state, job.num_directions, job.has_shift,
-           job.has_grad, job.sparsity_threshold, threads, stream)
+    module.run(prepared, grads if job.grad_addresses is None else job.grad_addresses, seed_values, seed_address,
+               num_seeds, scalar_values, scalar_address, num_scalars, _NOISE_KINDS[job.noise],
+               _ROUNDING_MODES[job.rounding], job.state, job.num_directions, job.has_shift, job.has_grad,
+               job.sparsity_threshold, threads, stream)
 
 
 def _on_device(seeds: Seeds, scalars: Scalars, device: torch.device):

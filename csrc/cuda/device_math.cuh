@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "../philox.h"
+#include "ptx.cuh"
 
 namespace addax {
 namespace cuda {
@@ -30,14 +31,6 @@ __host__ __device__ __forceinline__ PhiloxKey philox_key(uint64_t seed) {
     key.hi[round] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kPhiloxW1;
   }
   return key;
-}
-
-// (high, low) halves of a * m as one IMAD.WIDE.U32 (the C++ 64-bit product plus a shift makes
-// ptxas add register moves).
-__device__ __forceinline__ void mul_wide(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
-  asm("{\n\t.reg .u64 t;\n\tmul.wide.u32 t, %2, %3;\n\tmov.b64 {%1, %0}, t;\n\t}"
-      : "=r"(hi), "=r"(lo)
-      : "r"(a), "r"(m));
 }
 
 // Philox4x32-10 of counter (block_lo, block_hi, tid, purpose) — SPEC §1.  The kernels pass the
@@ -66,27 +59,6 @@ __device__ __forceinline__ uint4 philox(uint64_t block, uint32_t tid, uint32_t p
 }
 
 // ----------------------------------------------------------------------------- Gaussian z
-
-__device__ __forceinline__ float lg2_approx(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float sqrt_approx(float x) {
-  float y;
-  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float sin_approx(float x) {
-  float y;
-  asm("sin.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float cos_approx(float x) {
-  float y;
-  asm("cos.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // z = kGaussianScale * radius * trig: the constant factor of the transform below, folded by
 // the kernels into the coefficients that multiply z.
@@ -128,36 +100,6 @@ __device__ __forceinline__ void gaussian_block(const uint4& words, float (&radiu
 
 __device__ __forceinline__ float bf16_low(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16_high(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
-
-__device__ __forceinline__ float fp16_to_float(uint16_t bits) {
-  float out;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(bits));
-  return out;
-}
-
-// Round-half-to-even of two floats into one bf16x2 / f16x2 word (`high` in bits 16..31):
-// IEEE conversions in hardware (overflow to inf, NaN stays NaN, gradual underflow).
-__device__ __forceinline__ uint32_t pack_bf16_nearest(float low, float high) {
-  uint32_t out;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(high), "f"(low));
-  return out;
-}
-__device__ __forceinline__ uint32_t pack_fp16_nearest(float low, float high) {
-  uint32_t out;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(high), "f"(low));
-  return out;
-}
-// Truncation of two float32 bit patterns to bf16 / f16 (round toward zero).
-__device__ __forceinline__ uint32_t pack_bf16_truncated(uint32_t low, uint32_t high) {
-  uint32_t out;
-  asm("cvt.rz.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(__uint_as_float(high)), "f"(__uint_as_float(low)));
-  return out;
-}
-__device__ __forceinline__ uint32_t pack_fp16_truncated(uint32_t low, uint32_t high) {
-  uint32_t out;
-  asm("cvt.rz.f16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(__uint_as_float(high)), "f"(__uint_as_float(low)));
-  return out;
-}
 
 // ----------------------------------------------------------------------------- stochastic rounding
 

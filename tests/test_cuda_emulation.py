@@ -1,0 +1,145 @@
+"""The CUDA kernels of csrc/cuda, run by the CPU emulation of tests/cuda_emulation, where the
+conformance suite's small tensors (which it also runs there) do not reach: tensors over several
+65536-element chunks, warps with more than one Rademacher tile, the weight-decay vector loops,
+gradient lists longer than one launch carries, more directions than a launch carries by value,
+and the exact (non-finite, saturating, subnormal) branch of the stochastic roundings.  Each
+result is compared with the pure-PyTorch reference backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import addax_kernels as ak
+from cuda_emulation import backend as cuda_emulation
+from tolerance import assert_matches_reference
+
+_MISSING = cuda_emulation.missing_toolchain()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"the CUDA emulation needs {_MISSING}")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NOISES = ("gaussian", "rademacher")
+CHUNK = 65536  # kChunk of csrc/cuda/fused_cuda.cu
+TILE = 4096  # its Rademacher warp tile
+# Three chunks from offset 5 (a partial first chunk, a full one: two tiles per warp, a tail),
+# nine tiles in one chunk (warp 0 takes two), and two chunks from a chunk boundary.
+SIZES = (2 * CHUNK + 3 * TILE + 5, 9 * TILE + 3, CHUNK + 4465)
+OFFSETS = (5, 0, 3 * CHUNK)
+
+
+@pytest.fixture(autouse=True)
+def emulated_native_backend():
+    with cuda_emulation.installed():
+        yield
+
+
+def _params(sizes, dtype, seed, scale=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, generator=generator) * scale).to(dtype) for size in sizes]
+
+
+def _clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def _emulated_and_reference(op, params):
+    """``op(params, backend)`` on two copies: the emulated CUDA kernels' result and the reference's."""
+    got, expected = _clones(params), _clones(params)
+    op(got, "native")
+    op(expected, "reference")
+    return got, expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise", NOISES)
+def test_perturb_over_several_chunks(dtype, noise):
+    params = _params(SIZES, dtype, seed=1)
+    got, expected = _emulated_and_reference(
+        lambda p, backend: ak.perturb_(p, 2**64 - 7, 1e-2, noise=noise, rounding="stochastic", offsets=OFFSETS,
+                                       backend=backend), params)
+    # A Rademacher perturbation is one exact addition per element: bit-identical.
+    assert_matches_reference(got, expected, 1e-2, exact=noise == "rademacher")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise", NOISES)
+def test_restore_and_step_with_and_without_weight_decay_over_several_chunks(dtype, noise):
+    params = _params(SIZES, dtype, seed=2)
+    got, expected = _emulated_and_reference(
+        lambda p, backend: ak.zo_update_(p, 77, 0.5, 1e-2, restore=1e-3, weight_decay=0.1,
+                                         decay_mask=[True, False, True], noise=noise, rounding="stochastic",
+                                         offsets=OFFSETS, backend=backend), params)
+    assert_matches_reference(got, expected, 1e-3 + 1e-2 * 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("noise", NOISES)
+def test_addax_update_over_several_chunks(dtype, grad_dtype, noise):
+    params = _params(SIZES, dtype, seed=3)
+    grads = [g.to(grad_dtype) for g in _params(SIZES, torch.float32, seed=4, scale=1.0)]
+    got, expected = _emulated_and_reference(
+        lambda p, backend: ak.addax_update_(p, grads, 99, 0.8, 1e-2, 0.3, weight_decay=0.01, noise=noise,
+                                            rounding="stochastic", backend=backend), params)
+    assert_matches_reference(got, expected, 1e-2 * 0.8)
+
+
+def test_more_gradient_tensors_than_one_launch_carries():
+    """A launch carries 512 gradient addresses (kGradSlots): 600 tensors take two launches."""
+    sizes = [1 + (37 * i) % 61 for i in range(600)]
+    params = _params(sizes, torch.bfloat16, seed=5)
+    grads = _params(sizes, torch.float32, seed=6, scale=1.0)
+    got, expected = _emulated_and_reference(
+        lambda p, backend: ak.addax_update_(p, grads, 3, 0.5, 1e-2, 0.5, rounding="stochastic", backend=backend),
+        params)
+    assert_matches_reference(got, expected, 1e-2 * 0.5)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_more_directions_than_a_launch_carries_by_value(noise):
+    """Past 32 directions (kParamDirections) the seeds and coefficients travel in device memory."""
+    seeds = [1000 + 7 * k for k in range(40)]
+    coeffs = [((-1) ** k) * 0.1 * (k % 5 + 1) for k in range(40)]
+    params = _params((TILE + 7, 3 * TILE), torch.float32, seed=7)
+    got, expected = _emulated_and_reference(
+        lambda p, backend: ak.zo_update_(p, seeds, coeffs, 1e-3, restore=1e-3, noise=noise, backend=backend), params)
+    assert_matches_reference(got, expected, 1e-3 + 1e-3 * sum(abs(c) for c in coeffs))
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_shards_across_chunk_boundaries_equal_the_whole_tensor(noise):
+    whole = _params((3 * CHUNK + 11,), torch.bfloat16, seed=8)[0]
+    cuts = (0, CHUNK - 1, CHUNK + 1, CHUNK + TILE + 3, 2 * CHUNK + 7, 3 * CHUNK + 11)
+    shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    ak.perturb_([whole], 31, 1e-2, tids=[4], noise=noise, rounding="stochastic", backend="native")
+    ak.perturb_(shards, 31, 1e-2, tids=[4] * len(shards), offsets=list(cuts[:-1]), noise=noise,
+                rounding="stochastic", backend="native")
+    assert torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
+
+
+# Values at the edges of each 16-bit format, and a shift that carries them past the edge.
+_EDGES = {
+    torch.bfloat16: ([float("inf"), float("-inf"), float("nan"), 3.3895313892515355e38, -3.3895313892515355e38,
+                      1e-40, -1e-40, 0.0, -0.0, 1.0], (1e36, 1e-40)),
+    torch.float16: ([float("inf"), float("-inf"), float("nan"), 65504.0, -65504.0, 6e-8, -1e-5, 6.1035e-5, 0.0,
+                     1.0], (16.0, 3e-6)),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("rounding", ("nearest", "stochastic"))
+def test_edge_values_round_like_the_reference(dtype, rounding):
+    """Non-finite values, saturation at the largest finite value and subnormals take the exact
+    branch of the stochastic roundings (and the hardware conversions' edges for nearest): with
+    Rademacher noise every element is one exact float32 addition, so the results are
+    bit-identical to the reference's, NaNs aside (any NaN pattern is a NaN)."""
+    values, scales = _EDGES[dtype]
+    param = torch.tensor(values * 1000, dtype=torch.float32).to(dtype)  # vector path and ragged tail
+    for scale in scales:
+        got, expected = _emulated_and_reference(
+            lambda p, backend: ak.perturb_(p, 12, scale, noise="rademacher", rounding=rounding, backend=backend),
+            [param])
+        nan = torch.isnan(expected[0])
+        assert torch.equal(torch.isnan(got[0]), nan)
+        assert torch.equal(got[0][~nan].view(torch.int16), expected[0][~nan].view(torch.int16))
