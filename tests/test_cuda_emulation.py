@@ -1,9 +1,11 @@
 """The CUDA kernels of csrc/cuda, run by the CPU emulation of tests/cuda_emulation, where the
 conformance suite's small tensors (which it also runs there) do not reach: tensors over several
-65536-element chunks, warps with more than one Rademacher tile, the weight-decay vector loops,
-gradient lists longer than one launch carries, more directions than a launch carries by value,
-and the exact (non-finite, saturating, subnormal) branch of the stochastic roundings.  Each
-result is compared with the pure-PyTorch reference backend.
+65536-element chunks from unaligned offsets, warps with more than one Rademacher tile, the
+weight-decay vector loops, every one-direction kernel with each gradient type, and the exact
+(non-finite, saturating, subnormal) branch of the stochastic roundings after an addition.  Each
+result is compared with the pure-PyTorch reference backend.  The CUDA tests of
+test_native_backend.py that need no GPU feature (launch splitting, many directions, the
+roundings, shards) run on the emulation too (their ``cuda_kernels`` fixture).
 """
 
 from __future__ import annotations
@@ -83,28 +85,6 @@ def test_addax_update_over_several_chunks(dtype, grad_dtype, noise):
         lambda p, backend: ak.addax_update_(p, grads, 99, 0.8, 1e-2, 0.3, weight_decay=0.01, noise=noise,
                                             rounding="stochastic", backend=backend), params)
     assert_matches_reference(got, expected, 1e-2 * 0.8)
-
-
-def test_more_gradient_tensors_than_one_launch_carries():
-    """A launch carries 512 gradient addresses (kGradSlots): 600 tensors take two launches."""
-    sizes = [1 + (37 * i) % 61 for i in range(600)]
-    params = _params(sizes, torch.bfloat16, seed=5)
-    grads = _params(sizes, torch.float32, seed=6, scale=1.0)
-    got, expected = _emulated_and_reference(
-        lambda p, backend: ak.addax_update_(p, grads, 3, 0.5, 1e-2, 0.5, rounding="stochastic", backend=backend),
-        params)
-    assert_matches_reference(got, expected, 1e-2 * 0.5)
-
-
-@pytest.mark.parametrize("noise", NOISES)
-def test_more_directions_than_a_launch_carries_by_value(noise):
-    """Past 32 directions (kParamDirections) the seeds and coefficients travel in device memory."""
-    seeds = [1000 + 7 * k for k in range(40)]
-    coeffs = [((-1) ** k) * 0.1 * (k % 5 + 1) for k in range(40)]
-    params = _params((TILE + 7, 3 * TILE), torch.float32, seed=7)
-    got, expected = _emulated_and_reference(
-        lambda p, backend: ak.zo_update_(p, seeds, coeffs, 1e-3, restore=1e-3, noise=noise, backend=backend), params)
-    assert_matches_reference(got, expected, 1e-3 + 1e-3 * sum(abs(c) for c in coeffs))
 
 
 @pytest.mark.parametrize("noise", NOISES)

@@ -29,6 +29,7 @@ import torch
 import addax_kernels as ak
 from addax_kernels import rng
 from addax_kernels.backends import native
+from cuda_emulation import backend as cuda_emulation
 from known_answers import PHILOX_KAT
 from tolerance import assert_matches_reference
 
@@ -379,15 +380,31 @@ def test_extension_rejects_inconsistent_arguments():
 
 # ----------------------------------------------------------------------------- CUDA
 
-# These run only with a GPU (and complement test_conformance.py's native-cuda cases with what
-# the kernels' structure needs: sizes past a chunk, the masked path, launch limits).  Words,
-# signs, masks and roundings are integer rules: bit-exact.  z uses the special-function unit:
-# the SPEC §1 bound.  Updates contract into FMA: tests/tolerance.py's bound.
+# These complement test_conformance.py's native-cuda cases with what the kernels' structure
+# needs: sizes past a chunk, the masked path, launch limits.  Words, signs, masks and roundings
+# are integer rules: bit-exact.  z uses the special-function unit: the SPEC §1 bound.  Updates
+# contract into FMA: tests/tolerance.py's bound.  Tests taking `cuda_kernels` run on a GPU and
+# on the CPU emulation of the kernels (tests/cuda_emulation); those about MUFU's accuracy,
+# streams, graphs or 2^31 elements need the GPU.
 
-requires_native_cuda = pytest.mark.skipif(
-    not HAS_CUDA or native.unavailable_reason(torch.device("cuda")) is not None,
-    reason=f"native CUDA: {native.unavailable_reason(torch.device('cuda')) if HAS_CUDA else 'no CUDA device'}",
-)
+NATIVE_CUDA_REASON = (native.unavailable_reason(torch.device("cuda")) if HAS_CUDA else "no CUDA device")
+requires_native_cuda = pytest.mark.skipif(NATIVE_CUDA_REASON is not None, reason=f"native CUDA: {NATIVE_CUDA_REASON}")
+
+
+@pytest.fixture(params=["cuda", "cuda-emulation"])
+def cuda_kernels(request):
+    """The device whose tensors backend="native" runs through the CUDA kernels: the GPU, or the
+    CPU with the kernels compiled for the CPU emulation installed as the native backend."""
+    if request.param == "cuda":
+        if NATIVE_CUDA_REASON is not None:
+            pytest.skip(f"native CUDA: {NATIVE_CUDA_REASON}")
+        yield torch.device("cuda")
+        return
+    missing = cuda_emulation.missing_toolchain()
+    if missing:
+        pytest.skip(f"the CUDA emulation needs {missing}")
+    with cuda_emulation.installed():
+        yield torch.device("cpu")
 
 
 @requires_native_cuda
@@ -419,19 +436,17 @@ def test_cuda_gaussian_z_near_u_one_is_finite_and_within_bound():
     assert (z[elements].double() - exact[elements]).abs().max().item() <= 1e-3
 
 
-@requires_native_cuda
-def test_cuda_rademacher_z_and_masks_are_exact():
+def test_cuda_rademacher_z_and_masks_are_exact(cuda_kernels):
     for offset in (0, 4093, 2**39 - 300):
-        z = ak.noise(1 << 20, BIG_SEED, tid=9, offset=offset, noise="rademacher", sparsity=0.25, device="cuda",
+        z = ak.noise(1 << 20, BIG_SEED, tid=9, offset=offset, noise="rademacher", sparsity=0.25, device=cuda_kernels,
                      backend="native").cpu()
         expected = rng.noise(1 << 20, BIG_SEED, tid=9, offset=offset, noise="rademacher", sparsity=0.25)
         assert torch.equal(z, expected), offset
 
 
-@requires_native_cuda
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_cuda_roundings_are_bit_exact(dtype, rounding):
+def test_cuda_roundings_are_bit_exact(cuda_kernels, dtype, rounding):
     """The float32 -> dtype step alone (an addax step with lr 1, grad -x and a zero parameter
     computes x exactly), on the vector path and on the masked path (a misaligned view)."""
     info = torch.finfo(dtype)
@@ -445,22 +460,21 @@ def test_cuda_roundings_are_bit_exact(dtype, rounding):
     words = rng.rounding_words(21, 0, 0, x32.numel())
     expected = rng.round_to_dtype(x32, dtype, rounding, words if rounding == "stochastic" else None).float()
     for start in (0, 3):  # aligned (vector path), misaligned (masked path)
-        storage = torch.zeros(x32.numel() + start, dtype=dtype, device="cuda")
+        storage = torch.zeros(x32.numel() + start, dtype=dtype, device=cuda_kernels)
         param = storage[start:]
-        ak.addax_update_(param, [-x32.cuda()], 21, 0.0, 1.0, 0.0, tids=[0], rounding=rounding, rounding_seed=21,
+        ak.addax_update_(param, [-x32.to(cuda_kernels)], 21, 0.0, 1.0, 0.0, tids=[0], rounding=rounding, rounding_seed=21,
                          backend="native")
         got = param.cpu().float()
         same = (got == expected) | (torch.isnan(got) & torch.isnan(expected))
         assert bool(same.all()), (start, x32[~same][:10])
 
 
-@requires_native_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_cuda_ops_match_reference(dtype, noise, rounding):
+def test_cuda_ops_match_reference(cuda_kernels, dtype, noise, rounding):
     sizes = [1, 3, 4, 5, 127, 128, 129, 1023, 4097, 65537, 70001, 300007]
-    params = [p.cuda() for p in _random_params(sizes, dtype, seed=10)]
+    params = [p.to(cuda_kernels) for p in _random_params(sizes, dtype, seed=10)]
     offsets = [(2**32 - 2 + 3 * i) if i % 3 else 8 * i for i in range(len(params))]
     common = dict(noise=noise, rounding=rounding, offsets=offsets, rounding_seed=77)
     calls = [
@@ -481,12 +495,11 @@ def test_cuda_ops_match_reference(dtype, noise, rounding):
             assert_matches_reference(got, expected, 1e-2)
 
 
-@requires_native_cuda
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_shards_equal_the_whole_tensor(noise, dtype):
+def test_cuda_shards_equal_the_whole_tensor(cuda_kernels, noise, dtype):
     """Vector path, masked path and chunk boundaries give every element the same arithmetic."""
-    whole = _random_params((300007,), dtype, seed=7)[0].cuda()
+    whole = _random_params((300007,), dtype, seed=7)[0].to(cuda_kernels)
     sharded = whole.clone()
     cuts = (0, 1, 5, 130, 4096, 65536 + 3, 70001, 300007)
     kwargs = dict(restore=1e-3, noise=noise, rounding="stochastic", weight_decay=0.01)
@@ -548,12 +561,12 @@ def test_cuda_unaligned_views_and_side_streams():
     assert_matches_reference(views, expected, 1e-2 * 0.75 + 1e-3)
 
 
-@requires_native_cuda
-def test_cuda_many_tensors_with_gradients_and_many_directions():
+def test_cuda_many_tensors_with_gradients_and_many_directions(cuda_kernels):
     """More tensors with gradients than one launch carries (several launches), and more
     directions than a launch carries by value (seeds and scalars moved to the device)."""
-    count = native._C.cuda_param_directions + 3
-    params = [p.cuda() for p in _random_params([1 + (7 * i) % 300 for i in range(1100)], torch.float32, seed=24)]
+    extension = cuda_emulation.load() if cuda_kernels.type == "cpu" else native._C
+    count = extension.cuda_param_directions + 3
+    params = [p.to(cuda_kernels) for p in _random_params([1 + (7 * i) % 300 for i in range(1100)], torch.float32, seed=24)]
     grads = [p * 0.5 for p in params]
     got, expected = _run_both(ak.addax_update_, params, grads, 9, 0.5, 1e-2, 0.3, noise="rademacher")
     assert_matches_reference(got, expected, 1e-2)
