@@ -10,10 +10,13 @@ roundings, shards) run on the emulation too (their ``cuda_kernels`` fixture).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
 import addax_kernels as ak
+import cuda_emulation as emulation_build
 from cuda_emulation import backend as cuda_emulation
 from tolerance import assert_matches_reference
 
@@ -123,3 +126,32 @@ def test_edge_values_round_like_the_reference(dtype, rounding):
         nan = torch.isnan(expected[0])
         assert torch.equal(torch.isnan(got[0]), nan)
         assert torch.equal(got[0][~nan].view(torch.int16), expected[0][~nan].view(torch.int16))
+
+
+# ----------------------------------------------------------------------------- the emulator itself
+
+
+@pytest.fixture(scope="module")
+def self_check(tmp_path_factory):
+    return emulation_build.compile_self_check(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def _run_self_check(program, mode):
+    return subprocess.run([str(program), mode], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode", ("coverage", "shuffle"))
+def test_emulated_launch_runs_every_thread_once_and_shuffles_like_a_warp(self_check, mode):
+    result = _run_self_check(self_check, mode)
+    assert result.returncode == 0 and f"{mode} ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_emulated_shuffle_that_half_a_warp_never_reaches_fails_the_launch(self_check):
+    result = _run_self_check(self_check, "divergent")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cudaErrorLaunchFailure" in result.stdout and "while 16 have exited" in result.stdout, result.stdout
+
+
+def test_emulated_misaligned_vector_access_traps(self_check):
+    result = _run_self_check(self_check, "misaligned")
+    assert result.returncode < 0, f"exit status {result.returncode}: {result.stdout}"  # killed by the trap

@@ -138,6 +138,20 @@ def _compile(compiler: str, work: Path) -> Path:
     return target
 
 
+def compile_self_check(directory: Path) -> Path:
+    """``self_check.cu`` (checks of the emulated execution model) built as a program in ``directory``."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    target = directory / "self_check"
+    command = [compiler, *_flags(), f"-I{HERE}", "-x", "c++", str(HERE / "self_check.cu"), "-x", "none",
+               "-o", str(target)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}\n{result.stderr[-4000:]}")
+    return target
+
+
 def _built_module_path() -> Path:
     compiler = _compiler()
     if compiler is None:
