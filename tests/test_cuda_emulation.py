@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"the CUDA emulatio
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NOISES = ("gaussian", "rademacher")
-CHUNK = 65536  # kChunk of csrc/cuda/fused_cuda.cu
-TILE = 4096  # its Rademacher warp tile
+CHUNK = emulation_build.kernel_constant("kChunk")  # elements per chunk of csrc/cuda/fused_cuda.cu
+TILE = emulation_build.kernel_constant("kTile")  # its Rademacher warp tile
 # Three chunks from offset 5 (a partial first chunk, a full one: two tiles per warp, a tail),
 # nine tiles in one chunk (warp 0 takes two), and two chunks from a chunk boundary.
 SIZES = (2 * CHUNK + 3 * TILE + 5, 9 * TILE + 3, CHUNK + 4465)

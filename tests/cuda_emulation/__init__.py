@@ -27,6 +27,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -52,6 +53,14 @@ _OPTIMIZATION = ["-O1", "-fsanitize=alignment", "-fsanitize-undefined-trap-on-er
 
 _build_problem: Optional[str] = None
 _module = None
+
+
+def kernel_constant(name: str) -> int:
+    """The value of ``constexpr ... name = <integer>;`` in csrc/cuda/fused_cuda.cu (kChunk, kTile, ...)."""
+    match = re.search(rf"constexpr \w+ {name} = (\d+);", (CSRC / "cuda" / "fused_cuda.cu").read_text())
+    if match is None:
+        raise LookupError(f"csrc/cuda/fused_cuda.cu defines no integer constant {name}")
+    return int(match.group(1))
 
 
 def _compiler() -> Optional[str]:
