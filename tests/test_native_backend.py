@@ -592,7 +592,8 @@ def test_cuda_tensor_past_2_to_the_31_elements():
 
 def _synthetic_listing() -> str:
     """An nvdisasm -g listing of one kernel: a chunk loop (line 10) around a steady-state loop
-    (line 20) whose body skips a rare call block, and a masked loop (line 30)."""
+    (line 20) whose body skips a rare call block, and a masked loop (line 30); local-memory
+    accesses in the prologue, the loop body and its cold block."""
     text = [".text._kernel:"]
     address = 0
 
@@ -604,15 +605,18 @@ def _synthetic_listing() -> str:
         text.append(f"        /*{address:04x}*/                   {instruction} ;")
         address += 16
 
-    emit(1, "S2R R0, SR_TID.X")                                # prologue: 2
+    emit(1, "S2R R0, SR_TID.X")                                # prologue: 3
     emit(1, "MOV R1, RZ")
+    emit(1, "STL [R1], R0")
     emit(10, "LDG.E R2, desc[UR4][R4.64]", ".L_x_1")          # chunk head: 3 into the loop
     emit(10, "IADD3 R3, R2, 0x1, RZ")
     emit(10, "@P0 BRA `(.L_x_4)")                              # (a chunk without a vector range)
-    emit(20, "LDG.E.128 R8, desc[UR4][R6.64]", ".L_x_2")      # loop body: 5 counted
+    emit(20, "LDG.E.128 R8, desc[UR4][R6.64]", ".L_x_2")      # loop body: 6 counted
+    emit(20, "@P6 LDL R9, [R1+0x4]")
     emit(20, "FFMA R8, R8, R9, R10")
     emit(20, "@!P1 BRA `(.L_x_3)")                             # skip the rare calls
     emit(20, "MOV R20, R8")                                    # cold: not counted
+    emit(20, "LDL R21, [R1]")
     emit(20, "CALL.REL.NOINC `($slow)")
     emit(20, "STG.E.128 desc[UR4][R6.64], R8", ".L_x_3")
     emit(20, "NOP")
@@ -639,9 +643,10 @@ def test_sass_counting_rules_on_a_synthetic_listing(monkeypatch):
     facts = sass_native.SourceFacts(storage={}, noise={}, ops={}, chunk=65536, threads=256,
                                     loop_lines={10: "CHUNK", 20: "gaussian", 30: "MASKED"})
     counts = sass_native.count_kernel(instructions, labels, facts)
-    assert counts.loop == 5  # LDG, FFMA, BRA, STG, back-edge BRA: the NOP and the cold calls are not counted
+    assert counts.loop == 6  # LDG, LDL, FFMA, BRA, STG, back-edge BRA: the NOP and the cold block are not counted
     assert counts.loop_kind == "gaussian"
-    assert counts.prologue == 2
+    assert counts.prologue == 3
+    assert counts.local_accesses == 3 and counts.loop_local_accesses == 1  # the cold block's LDL is not in the loop
     assert counts.chunk_overhead == 3 + 3  # into the loop, and from its exit (past the masked loop) back
     assert counts.masked == 3
     assert counts.access_bytes == 16
@@ -665,12 +670,13 @@ def test_sass_rows_and_summary_name_their_compiler():
     from addax_kernels.sass import native_backend as sass_native
 
     variant = sass.Variant("perturb", "bf16")  # 4 bytes per element: a budget of 31.16 instructions
-    rows = [sass.make_row("native", variant, 20.0, 40, 0, 16, "nvcc V13.0.88"),
-            sass.make_row("triton", variant, 2 * 31.16, 40, 0, 16, "triton 3.6.0")]
+    rows = [sass.make_row("native", variant, 20.0, 40, 3, 1, 16, "nvcc V13.0.88"),
+            sass.make_row("triton", variant, 2 * 31.16, 40, 0, 0, 16, "triton 3.6.0")]
     assert [tuple(row) for row in rows] == [sass.ROW_FIELDS] * 2
     summary = sass._format_summary(rows, [])
     assert "Compiled with: native: nvcc V13.0.88; triton: triton 3.6.0." in summary
     assert "| triton | perturb | bf16 | - | gaussian | nearest | 62.3 | 31.2 | 0.50 | >= 0.95 MISSED |" in summary
+    assert "| 40 | 3 (1) | 16 |" in summary  # local loads/stores in the kernel (in the steady-state loop)
     try:
         version = sass_native.nvcc_version()
     except FileNotFoundError:

@@ -114,19 +114,27 @@ VARIANTS: Tuple[Variant, ...] = (
 )
 
 ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding", "sass_per_element", "registers",
-              "spills", "access_bytes", "estimated_cap", "compiler")
+              "local_accesses", "loop_local_accesses", "access_bytes", "estimated_cap", "compiler")
 
 
-def make_row(backend: str, variant: Variant, sass_per_element: float, registers: int, spills: int,
-             access_bytes: int, compiler: str, **details) -> dict:
+def is_local_access(opcode: str) -> bool:
+    """A local-memory load or store (LDL/STL): register spills, or a per-thread array in memory."""
+    return opcode.startswith(("LDL", "STL"))
+
+
+def make_row(backend: str, variant: Variant, sass_per_element: float, registers: int, local_accesses: int,
+             loop_local_accesses: int, access_bytes: int, compiler: str, **details) -> dict:
     """A report row (the ROW_FIELDS, then backend-specific ``details``); ``compiler`` names the
-    compiler and its version, since the counts depend on them."""
+    compiler and its version, since the counts depend on them.  ``local_accesses``: LDL/STL
+    instructions in the kernel; ``loop_local_accesses``: those in the steady-state loop body,
+    where they would cost bandwidth (elsewhere they run a few times per chunk or program)."""
     row = {
         "backend": backend,
         **{key: value for key, value in asdict(variant).items()},
         "sass_per_element": round(sass_per_element, 2),
         "registers": registers,
-        "spills": spills,
+        "local_accesses": local_accesses,
+        "loop_local_accesses": loop_local_accesses,
         "access_bytes": access_bytes,
         "estimated_cap": round(estimated_cap(variant.bytes_per_element(), sass_per_element), 3),
         "compiler": compiler,
@@ -161,7 +169,8 @@ def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
         "Compiled with: " + "; ".join(sorted({f"{row['backend']}: {row['compiler']}"
                                               for row in rows})) + ".",
         "",
-        "| backend | op | param | grad | noise | rounding | SASS/elem | budget | cap | target | regs | spills | access B |",
+        "| backend | op | param | grad | noise | rounding | SASS/elem | budget | cap | target | regs | "
+        "local ld/st (in loop) | access B |",
         "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
@@ -171,7 +180,8 @@ def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
         lines.append(
             f"| {row['backend']} | {row['op']} | {row['param_dtype']} | {row['grad_dtype'] or '-'} | {row['noise']} | "
             f"{row['rounding']} | {row['sass_per_element']:.1f} | {budget_per_element(variant.bytes_per_element()):.1f} | "
-            f"{row['estimated_cap']:.2f} | {verdict} | {row['registers']} | {row['spills']} | {row['access_bytes']} |"
+            f"{row['estimated_cap']:.2f} | {verdict} | {row['registers']} | "
+            f"{row['local_accesses']} ({row['loop_local_accesses']}) | {row['access_bytes']} |"
         )
     if problems:
         lines += ["", "Not reported:", ""] + [f"- {problem}" for problem in problems]

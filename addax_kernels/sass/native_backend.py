@@ -36,7 +36,8 @@ How an instruction is counted (docs/native.md, "Instruction counts"):
 
 over the reference group of :mod:`addax_kernels.sass` (MODEL_TENSORS tensors of equal
 size, MODEL_ELEMENTS elements in all, each starting a chunk).  ``access_bytes`` is the widest
-global load or store of the steady-state loop.
+global load or store of the steady-state loop; ``local_accesses`` counts the kernel's LDL/STL
+and ``loop_local_accesses`` those of the loop body (its cold ranges excluded).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from . import (
     H200_SMS,
     VARIANTS,
     Variant,
+    is_local_access,
     make_row,
     resident_blocks,
 )
@@ -253,6 +255,12 @@ def _loops(instructions: Sequence[Instruction], labels: Dict[str, int]) -> List[
     return loops
 
 
+def _opcode(instruction: Instruction) -> str:
+    """The opcode of an instruction, after its predicate if it has one."""
+    words = instruction.text.split()
+    return words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "")
+
+
 def _is_counted(instruction: Instruction) -> bool:
     return not instruction.text.startswith("NOP")
 
@@ -284,7 +292,7 @@ def _count(instructions, labels, head: int, tail: int, exclude=(), skip_cold: bo
 def _successors(instructions: Sequence[Instruction], labels: Dict[str, int], index: int) -> List[int]:
     text = instructions[index].text
     predicated = text.startswith("@")
-    opcode = text.split()[1] if predicated else text.split()[0]
+    opcode = _opcode(instructions[index])
     following = [] if (opcode in ("EXIT", "BRA", "RET") or opcode.startswith("RET")) and not predicated else [index + 1]
     branch = _BRANCH.search(text)
     if branch and branch.group(1) in labels:
@@ -347,6 +355,8 @@ class KernelCounts:
     prologue: int
     masked: int
     access_bytes: int
+    local_accesses: int  # LDL/STL in the kernel
+    loop_local_accesses: int  # LDL/STL in the steady-state loop body (its cold paths excluded)
 
 
 def count_kernel(instructions, labels, facts: SourceFacts) -> KernelCounts:
@@ -377,7 +387,11 @@ def count_kernel(instructions, labels, facts: SourceFacts) -> KernelCounts:
                  if chunk_head <= h and t <= chunk_tail)
     widths = [int(match.group(1)) // 8 for instruction in instructions[head:tail + 1]
               for match in [_ACCESS.search(instruction.text)] if match]
-    return KernelCounts(loop, kind, chunk_overhead, prologue, masked, max(widths, default=4))
+    cold = {index for first, stop in _cold_ranges(instructions, labels, head, tail) for index in range(first, stop)}
+    local = [index for index, instruction in enumerate(instructions) if is_local_access(_opcode(instruction))]
+    in_loop = sum(1 for index in local if head <= index <= tail and index not in cold)
+    return KernelCounts(loop, kind, chunk_overhead, prologue, masked, max(widths, default=4), len(local), in_loop)
+
 
 
 def _ptxas_resources(log: str) -> Dict[str, Tuple[int, int]]:
@@ -444,10 +458,11 @@ def native_rows(variants: Sequence[Variant] = VARIANTS) -> List[dict]:
         name = by_key[key]
         instructions, labels = kernels[name]
         counts = count_kernel(instructions, labels, facts)
-        registers, spills = resources.get(name, (0, 0))
+        registers, spill_store_bytes = resources.get(name, (0, 0))
         parts = per_element(counts, variant, registers, facts)
-        rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, spills,
-                             counts.access_bytes, compiler, **parts))
+        rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, counts.local_accesses,
+                             counts.loop_local_accesses, counts.access_bytes, compiler,
+                             spill_store_bytes=spill_store_bytes, **parts))
     return rows
 
 

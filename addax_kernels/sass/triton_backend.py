@@ -43,6 +43,7 @@ from . import (
     TARGET_ARCH,
     VARIANTS,
     Variant,
+    is_local_access,
     make_row,
 )
 
@@ -275,7 +276,8 @@ class KernelCounts:
     visit: int  # once per tensor a program visits
     edge: int  # the masked edge-tile program
     registers: int
-    spills: int  # local-memory instructions (LDL/STL)
+    local_accesses: int  # local-memory instructions (LDL/STL) in the kernel
+    loop_local_accesses: int  # those in the steady-state loop body
     access_bytes: int  # narrowest global access of the steady state
 
 
@@ -325,7 +327,8 @@ def analyze(sass: Sass, register_count: int) -> KernelCounts:
         visit=sass.count(outer - inner),
         edge=sass.count(edge_path),
         registers=register_count,
-        spills=sum(op.startswith(("LDL", "STL")) for op in every),
+        local_accesses=sum(is_local_access(op) for op in every),
+        loop_local_accesses=sum(is_local_access(op) for op in loop_opcodes),
         access_bytes=min(accesses) if accesses else 0,
     )
 
@@ -352,7 +355,8 @@ def variant_row(variant: Variant) -> dict:
     cubin = compiled.asm["cubin"]
     counts = analyze(Sass(disassemble(cubin)), registers(cubin))
     instructions = per_element(counts, launch.BLOCK, warps)
-    return make_row("triton", variant, instructions, counts.registers, counts.spills, counts.access_bytes,
+    return make_row("triton", variant, instructions, counts.registers, counts.local_accesses,
+                    counts.loop_local_accesses, counts.access_bytes,
                     f"triton {triton.__version__}")
 
 
@@ -380,12 +384,14 @@ def triton_rows(variants: Tuple[Variant, ...] = VARIANTS) -> List[dict]:
 
 
 def format_table(rows: List[dict]) -> str:
-    header = ("op", "param", "grad", "noise", "rounding", "SASS/elem", "regs", "spills", "access B", "cap")
+    header = ("op", "param", "grad", "noise", "rounding", "SASS/elem", "regs", "local ld/st (in loop)", "access B",
+              "cap")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
         lines.append(" | ".join(str(value) for value in (
             row["op"], row["param_dtype"], row["grad_dtype"] or "-", row["noise"], row["rounding"],
-            row["sass_per_element"], row["registers"], row["spills"], row["access_bytes"], row["estimated_cap"])))
+            row["sass_per_element"], row["registers"], f"{row['local_accesses']} ({row['loop_local_accesses']})",
+            row["access_bytes"], row["estimated_cap"])))
     return "\n".join(lines)
 
 
