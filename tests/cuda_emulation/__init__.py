@@ -147,14 +147,16 @@ def _compile(compiler: str, work: Path) -> Path:
     return target
 
 
-def compile_self_check(directory: Path) -> Path:
-    """``self_check.cu`` (checks of the emulated execution model) built as a program in ``directory``."""
+def compile_program(name: str, directory: Path) -> Path:
+    """``<name>.cu`` of this folder built as a program in ``directory``, against the stand-in
+    runtime and the emulation's copy of csrc/cuda (so it can include device_math.cuh)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    target = directory / "self_check"
-    command = [compiler, *_flags(), f"-I{HERE}", "-x", "c++", str(HERE / "self_check.cu"), "-x", "none",
-               "-o", str(target)]
+    kernels = _built_module_path().parent / "csrc" / "cuda"
+    target = directory / name
+    command = [compiler, *_flags(), "-O2", f"-I{HERE}", f"-I{kernels}", "-x", "c++", str(HERE / f"{name}.cu"),
+               "-x", "none", "-o", str(target)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}\n{result.stderr[-4000:]}")

@@ -1,12 +1,40 @@
 // The CPU emulation's stand-in for csrc/cuda/ptx.cuh: each inline-PTX wrapper restated in C++
 // with the instruction's semantics (PTX ISA: mul.wide, cvt with .rn / .rz rounding), except
-// the special-function approximations (lg2/sqrt/sin/cos.approx), which become the correctly
-// rounded libm functions: the emulation checks the kernels' logic, not MUFU's accuracy.
+// the special-function approximations (lg2/sqrt/sin/cos.approx), which become libm's
+// functions, exact by default.  For the accuracy check of the Gaussian transform
+// (gaussian_bound_check.cu) they can instead err by the documented bound of the hardware's
+// approximations (CUDA C++ Programming Guide, intrinsic functions: __log2f absolute 2^-22 on
+// [0.5, 2], 2 ulp elsewhere; __sinf 2^-21.41 and __cosf 2^-21.19 absolute on [-pi, pi]; the
+// square root, documented at 1 ulp or better, here 2^-22 relative), in a chosen direction.
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+namespace addax_emulation {
+
+// 0: exact.  +1 / -1: every approximation is off by its whole bound, upwards / downwards.
+// 2: each evaluation off by its whole bound in a direction taken from a hash of its input.
+inline int mufu_error_mode = 0;
+
+inline float mufu_result(float exact, float bound, float input) {
+  if (mufu_error_mode == 0) return exact;
+  float direction = static_cast<float>(mufu_error_mode);
+  if (mufu_error_mode == 2) {
+    uint32_t bits;
+    memcpy(&bits, &input, sizeof(bits));
+    direction = ((bits * 0x9E3779B1u) >> 31) ? 1.0f : -1.0f;
+  }
+  return exact + direction * bound;
+}
+
+inline float ulp_of(float value) {
+  const float magnitude = fabsf(value);
+  return nextafterf(magnitude, INFINITY) - magnitude;
+}
+
+}  // namespace addax_emulation
 
 namespace addax {
 namespace cuda {
@@ -17,10 +45,17 @@ inline void mul_wide(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
   lo = static_cast<uint32_t>(product);
 }
 
-inline float lg2_approx(float x) { return log2f(x); }
-inline float sqrt_approx(float x) { return sqrtf(x); }
-inline float sin_approx(float x) { return sinf(x); }
-inline float cos_approx(float x) { return cosf(x); }
+inline float lg2_approx(float x) {
+  const float exact = log2f(x);
+  const float bound = x >= 0.5f && x <= 2.0f ? 0x1p-22f : 2.0f * addax_emulation::ulp_of(exact);
+  return addax_emulation::mufu_result(exact, bound, x);
+}
+inline float sqrt_approx(float x) {
+  const float exact = sqrtf(x);
+  return addax_emulation::mufu_result(exact, exact * 0x1p-22f, x);
+}
+inline float sin_approx(float x) { return addax_emulation::mufu_result(sinf(x), 3.6e-7f, x); }  // 2^-21.41 = 3.58e-7
+inline float cos_approx(float x) { return addax_emulation::mufu_result(cosf(x), 4.2e-7f, x); }  // 2^-21.19 = 4.17e-7
 
 inline float fp16_to_float(uint16_t bits) { return fp16_bits_to_float(bits); }
 
