@@ -45,3 +45,19 @@ def pytest_collection_modifyitems(config, items):
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation_when_marked(request):
+    """In tests marked ``cuda_emulation``, backend="native" on CPU tensors runs the CUDA kernels
+    compiled for the CPU emulation (tests/cuda_emulation; docs/native.md)."""
+    if request.node.get_closest_marker("cuda_emulation") is None:
+        yield
+        return
+    from cuda_emulation import backend as emulation
+
+    missing = emulation.missing_toolchain()
+    if missing:
+        pytest.skip(f"the CUDA emulation needs {missing}")
+    with emulation.installed():
+        yield

@@ -255,13 +255,16 @@ def reference_addax_step(params, zo_closure, fo_closure, seed, s: Settings, pass
 def model_cases(kinds):
     """(backend, model kind, model size) for every backend; Triton runs under its interpreter
     here (a few thousand elements per second), so it gets only the first kind, hidden 8, 1 layer
-    (Llama: 12 tensors against OPT's 20, and the interpreter's cost is per program)."""
+    (Llama: 12 tensors against OPT's 20, and the interpreter's cost is per program).  The CUDA
+    kernels, on the CPU emulation, take the first kind."""
     cases = []
     for backend in BACKENDS:
         if backend == "triton":
             cases.append(pytest.param(backend, kinds[0], dict(hidden=8, layers=1), id=f"triton-{kinds[0]}"))
         else:
             cases += [pytest.param(backend, kind, {}, id=f"{backend}-{kind}") for kind in kinds]
+    cases.append(pytest.param("native", kinds[0], {}, marks=pytest.mark.cuda_emulation,
+                              id=f"native-cuda-emulation-{kinds[0]}"))
     return cases
 
 
@@ -382,6 +385,11 @@ BF16_CASES = [
     for optimizer_class in (MeZO, Addax)
     for rounding in ROUNDING_CHOICES
     if backend != "triton" or (optimizer_class is MeZO and rounding == DEFAULT_ROUNDING)
+] + [
+    pytest.param("native", optimizer_class, rounding, marks=pytest.mark.cuda_emulation,
+                 id=f"native-cuda-emulation-{optimizer_class.__name__}-{rounding}")
+    for optimizer_class in (MeZO, Addax)
+    for rounding in ROUNDING_CHOICES
 ]
 
 
