@@ -1176,7 +1176,8 @@ FAMILY_CASES = {
 TORCH_STATE_KEYS = {"momentum_buffer": "momentum_buffer", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("native", marks=pytest.mark.cuda_emulation,
+                                                                id="native-cuda-emulation")])
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_family_equals_torch_optim_on_the_zo_gradient(case, backend):
     """Each member against its plain statement for 25 steps: the same estimate computed with z
