@@ -17,11 +17,12 @@ import torch
 
 import addax_kernels as ak
 import cuda_emulation as emulation_build
-from cuda_emulation import backend as cuda_emulation
+from cuda_emulation import backend as emulation_backend
 from tolerance import assert_matches_reference
 
-_MISSING = cuda_emulation.missing_toolchain()
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"the CUDA emulation needs {_MISSING}")
+# backend="native" is the emulation in every test here (tests/conftest.py installs it; it skips
+# where the emulation cannot be built for want of a compiler).
+pytestmark = pytest.mark.cuda_emulation
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NOISES = ("gaussian", "rademacher")
@@ -31,12 +32,6 @@ TILE = emulation_build.kernel_constant("kTile")  # its Rademacher warp tile
 # nine tiles in one chunk (warp 0 takes two), and two chunks from a chunk boundary.
 SIZES = (2 * CHUNK + 3 * TILE + 5, 9 * TILE + 3, CHUNK + 4465)
 OFFSETS = (5, 0, 3 * CHUNK)
-
-
-@pytest.fixture(autouse=True)
-def emulated_native_backend():
-    with cuda_emulation.installed():
-        yield
 
 
 def _params(sizes, dtype, seed, scale=0.05):
@@ -50,6 +45,7 @@ def _clones(tensors):
 
 def _emulated_and_reference(op, params):
     """``op(params, backend)`` on two copies: the emulated CUDA kernels' result and the reference's."""
+    assert emulation_backend.active(), "backend='native' is not the CUDA emulation here"
     got, expected = _clones(params), _clones(params)
     op(got, "native")
     op(expected, "reference")
@@ -95,6 +91,7 @@ def test_shards_across_chunk_boundaries_equal_the_whole_tensor(noise):
     whole = _params((3 * CHUNK + 11,), torch.bfloat16, seed=8)[0]
     cuts = (0, CHUNK - 1, CHUNK + 1, CHUNK + TILE + 3, 2 * CHUNK + 7, 3 * CHUNK + 11)
     shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    assert emulation_backend.active()
     ak.perturb_([whole], 31, 1e-2, tids=[4], noise=noise, rounding="stochastic", backend="native")
     ak.perturb_(shards, 31, 1e-2, tids=[4] * len(shards), offsets=list(cuts[:-1]), noise=noise,
                 rounding="stochastic", backend="native")
