@@ -117,6 +117,14 @@ ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding",
               "local_accesses", "loop_local_accesses", "access_bytes", "estimated_cap", "compiler")
 
 
+def opcode_of(instruction: str) -> str:
+    """The opcode of one SASS instruction's text, after its predicate (``@P0``) if it has one."""
+    words = instruction.split()
+    if not words:
+        return ""
+    return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+
+
 def is_local_access(opcode: str) -> bool:
     """A local-memory load or store (LDL/STL): register spills, or a per-thread array in memory."""
     return opcode.startswith(("LDL", "STL"))

@@ -60,6 +60,7 @@ from . import (
     Variant,
     is_local_access,
     make_row,
+    opcode_of,
     resident_blocks,
 )
 
@@ -255,12 +256,6 @@ def _loops(instructions: Sequence[Instruction], labels: Dict[str, int]) -> List[
     return loops
 
 
-def _opcode(instruction: Instruction) -> str:
-    """The opcode of an instruction, after its predicate if it has one."""
-    words = instruction.text.split()
-    return words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "")
-
-
 def _is_counted(instruction: Instruction) -> bool:
     return not instruction.text.startswith("NOP")
 
@@ -292,7 +287,7 @@ def _count(instructions, labels, head: int, tail: int, exclude=(), skip_cold: bo
 def _successors(instructions: Sequence[Instruction], labels: Dict[str, int], index: int) -> List[int]:
     text = instructions[index].text
     predicated = text.startswith("@")
-    opcode = _opcode(instructions[index])
+    opcode = opcode_of(text)
     following = [] if (opcode in ("EXIT", "BRA", "RET") or opcode.startswith("RET")) and not predicated else [index + 1]
     branch = _BRANCH.search(text)
     if branch and branch.group(1) in labels:
@@ -388,10 +383,9 @@ def count_kernel(instructions, labels, facts: SourceFacts) -> KernelCounts:
     widths = [int(match.group(1)) // 8 for instruction in instructions[head:tail + 1]
               for match in [_ACCESS.search(instruction.text)] if match]
     cold = {index for first, stop in _cold_ranges(instructions, labels, head, tail) for index in range(first, stop)}
-    local = [index for index, instruction in enumerate(instructions) if is_local_access(_opcode(instruction))]
+    local = [index for index, instruction in enumerate(instructions) if is_local_access(opcode_of(instruction.text))]
     in_loop = sum(1 for index in local if head <= index <= tail and index not in cold)
     return KernelCounts(loop, kind, chunk_overhead, prologue, masked, max(widths, default=4), len(local), in_loop)
-
 
 
 def _ptxas_resources(log: str) -> Dict[str, Tuple[int, int]]:

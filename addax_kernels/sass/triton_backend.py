@@ -45,6 +45,7 @@ from . import (
     Variant,
     is_local_access,
     make_row,
+    opcode_of,
 )
 
 _STORAGE = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -182,11 +183,6 @@ class Sass:
         self._build_blocks()
         self._find_loops()
 
-    @staticmethod
-    def opcode(instruction: str) -> str:
-        parts = instruction.split()
-        return parts[1] if parts[0].startswith("@") else parts[0]
-
     def _target(self, instruction: str) -> Optional[int]:
         match = _BRANCH_TARGET.search(instruction)
         return self.labels[match.group(1)] if match else None
@@ -194,7 +190,7 @@ class Sass:
     def _build_blocks(self) -> None:
         starts = {0, *self.labels.values()}
         for index, instruction in enumerate(self.instructions):
-            if self.opcode(instruction) in ("BRA", "EXIT", "RET.REL.NODEC", "RET"):
+            if opcode_of(instruction) in ("BRA", "EXIT", "RET.REL.NODEC", "RET"):
                 starts.add(index + 1)
         starts = sorted(start for start in starts if start < len(self.instructions))
         self.blocks: List[_Block] = []
@@ -209,7 +205,7 @@ class Sass:
                 self.block_of_instruction[index] = number
         for number, block in enumerate(self.blocks):
             last = self.instructions[block.end - 1]
-            opcode = self.opcode(last)
+            opcode = opcode_of(last)
             predicated = last.split()[0].startswith("@")
             successors = []
             if opcode == "BRA":
@@ -255,7 +251,7 @@ class Sass:
         return sum(self.blocks[number].end - self.blocks[number].start for number in blocks)
 
     def opcodes(self, blocks) -> List[str]:
-        return [self.opcode(self.instructions[index]) for number in sorted(blocks)
+        return [opcode_of(self.instructions[index]) for number in sorted(blocks)
                 for index in range(self.blocks[number].start, self.blocks[number].end)]
 
 
