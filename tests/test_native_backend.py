@@ -391,20 +391,16 @@ NATIVE_CUDA_REASON = (native.unavailable_reason(torch.device("cuda")) if HAS_CUD
 requires_native_cuda = pytest.mark.skipif(NATIVE_CUDA_REASON is not None, reason=f"native CUDA: {NATIVE_CUDA_REASON}")
 
 
-@pytest.fixture(params=["cuda", "cuda-emulation"])
+@pytest.fixture(params=["cuda", pytest.param("cuda-emulation", marks=pytest.mark.cuda_emulation)])
 def cuda_kernels(request):
     """The device whose tensors backend="native" runs through the CUDA kernels: the GPU, or the
-    CPU with the kernels compiled for the CPU emulation installed as the native backend."""
+    CPU with the kernels compiled for the CPU emulation (installed by tests/conftest.py for the
+    tests marked cuda_emulation)."""
     if request.param == "cuda":
         if NATIVE_CUDA_REASON is not None:
             pytest.skip(f"native CUDA: {NATIVE_CUDA_REASON}")
-        yield torch.device("cuda")
-        return
-    missing = cuda_emulation.missing_toolchain()
-    if missing:
-        pytest.skip(f"the CUDA emulation needs {missing}")
-    with cuda_emulation.installed():
-        yield torch.device("cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @requires_native_cuda
