@@ -42,6 +42,7 @@ ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 BUILD_ROOT = ROOT / "build" / "cuda-emulation"
 MODULE_NAME = f"{__name__}._C"
+MODULE_FILE = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
 
 # The one kernel launch of csrc/cuda/fused_cuda.cu and what the emulation calls instead.
 LAUNCH = "fused_kernel<K><<<grid, kThreads, 0, stream>>>(args);"
@@ -66,6 +67,20 @@ def kernel_constant(name: str) -> int:
 def _compiler() -> Optional[str]:
     configured = (sysconfig.get_config_var("CXX") or "g++").split()[0]
     return shutil.which(configured) or shutil.which("g++")
+
+
+def _required_compiler() -> str:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    return compiler
+
+
+def _run_compiler(command) -> None:
+    """Runs one compile or link; a failure raises with the command and the end of its errors."""
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(str(part) for part in command)}\n{result.stderr[-4000:]}")
 
 
 def missing_toolchain() -> Optional[str]:
@@ -131,45 +146,31 @@ def _compile(compiler: str, work: Path) -> Path:
 
     def compile_unit(item):
         name, arguments = item
-        command = [compiler, *common, *arguments, "-o", str(work / name)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)}\n{result.stderr[-4000:]}")
-        return str(work / name)
+        _run_compiler([compiler, *common, *arguments, "-o", work / name])
+        return work / name
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         objects = list(pool.map(compile_unit, units.items()))
-    target = work / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
-    command = [compiler, "-shared", "-fopenmp", *_OPTIMIZATION, *objects, "-o", str(target)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}\n{result.stderr[-4000:]}")
+    target = work / MODULE_FILE
+    _run_compiler([compiler, "-shared", "-fopenmp", *_OPTIMIZATION, *objects, "-o", target])
     return target
 
 
 def compile_program(name: str, directory: Path) -> Path:
     """``<name>.cu`` of this folder built as a program in ``directory``, against the stand-in
     runtime and the emulation's copy of csrc/cuda (so it can include device_math.cuh)."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) found")
     kernels = _built_module_path().parent / "csrc" / "cuda"
     target = directory / name
     # -O2 after the build's -O1: the transform check evaluates 2^25 transforms per run.
-    command = [compiler, *_flags(), "-O2", f"-I{HERE}", f"-I{kernels}", "-x", "c++", str(HERE / f"{name}.cu"),
-               "-x", "none", "-o", str(target)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}\n{result.stderr[-4000:]}")
+    _run_compiler([_required_compiler(), *_flags(), "-O2", f"-I{HERE}", f"-I{kernels}", "-x", "c++",
+                   HERE / f"{name}.cu", "-x", "none", "-o", target])
     return target
 
 
 def _built_module_path() -> Path:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) found")
+    compiler = _required_compiler()
     directory = BUILD_ROOT / _build_key(compiler)
-    target = directory / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    target = directory / MODULE_FILE
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
     with open(BUILD_ROOT / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (pytest-xdist workers)
