@@ -22,15 +22,10 @@
 #include <string.h>
 #include <ucontext.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 // ----------------------------------------------------------------------------- CUDA C++ keywords
