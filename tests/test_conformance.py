@@ -21,7 +21,7 @@ import addax_kernels as ak
 from addax_kernels import rng
 from cuda_emulation import backend as cuda_emulation
 from known_answers import spec_kept
-from tolerance import assert_matches_reference
+from tolerance import assert_matches_reference, clones, on_backend_and_reference
 
 from conftest import HAS_CUDA
 
@@ -64,19 +64,6 @@ def _params(sizes, dtype, device, seed=0, scale=0.05):
     return [(torch.randn(size, generator=generator) * scale).to(dtype).to(device) for size in sizes]
 
 
-def _clones(tensors):
-    return [t.clone() for t in tensors]
-
-
-def _both(op, backend, tensor_lists, *args, **kwargs):
-    """Run ``op`` on copies with ``backend`` and with the reference; returns (got, expected) lists."""
-    got = [_clones(tensors) for tensors in tensor_lists]
-    expected = [_clones(tensors) for tensors in tensor_lists]
-    op(*got, *args, backend=backend, **kwargs)
-    op(*expected, *args, backend="reference", **kwargs)
-    return got, expected
-
-
 def _exact(noise: str, device: torch.device) -> bool:
     """Rademacher z is exact; without FMA contraction (CPU kernels) the pass is then bit-exact."""
     return noise == "rademacher" and device.type == "cpu" and not cuda_emulation.active()
@@ -91,8 +78,9 @@ def _exact(noise: str, device: torch.device) -> bool:
 def test_perturb(backend_device, dtype, noise, rounding):
     backend, device = backend_device
     params = _params(SIZES, dtype, device)
-    (got,), (expected,) = _both(ak.perturb_, backend, [params], BIG_SEED, 1e-2, noise=noise, rounding=rounding,
-                                offsets=[7 * i for i in range(len(SIZES))])
+    (got,), (expected,) = on_backend_and_reference(
+        ak.perturb_, backend, [params], BIG_SEED, 1e-2, noise=noise, rounding=rounding,
+        offsets=[7 * i for i in range(len(SIZES))])
     assert_matches_reference(got, expected, 1e-2, exact=_exact(noise, device))
 
 
@@ -102,7 +90,7 @@ def test_perturb(backend_device, dtype, noise, rounding):
 def test_zo_update_with_restore_directions_and_masked_decay(backend_device, dtype, noise, rounding):
     backend, device = backend_device
     params = _params((3, 4097, 129, 640), dtype, device, seed=1)
-    (got,), (expected,) = _both(
+    (got,), (expected,) = on_backend_and_reference(
         ak.zo_update_, backend, [params], [11, 2**40 + 3, BIG_SEED], [0.7, -1.3, 0.25], 1e-2,
         restore=1e-3, weight_decay=0.1, decay_mask=[True, False, True, True], noise=noise, rounding=rounding,
     )
@@ -115,8 +103,9 @@ def test_single_direction_update(backend_device, dtype, restore):
     """MeZO's update: restore + one direction, the case kernels specialize."""
     backend, device = backend_device
     params = _params((3, 4097, 129), dtype, device, seed=4)
-    (got,), (expected,) = _both(ak.zo_update_, backend, [params], BIG_SEED, -0.9, 1e-2, restore=restore,
-                                weight_decay=0.1, decay_mask=[True, False, True], rounding="stochastic")
+    (got,), (expected,) = on_backend_and_reference(
+        ak.zo_update_, backend, [params], BIG_SEED, -0.9, 1e-2, restore=restore,
+        weight_decay=0.1, decay_mask=[True, False, True], rounding="stochastic")
     assert_matches_reference(got, expected, (restore or 0.0) + 1e-2 * 0.9)
 
 
@@ -127,8 +116,9 @@ def test_addax_update_for_every_grad_dtype(backend_device, dtype, grad_dtype, ro
     backend, device = backend_device
     params = _params((5, 4097, 1031), dtype, device, seed=2)
     grads = [g.to(grad_dtype) for g in _params((5, 4097, 1031), torch.float32, device, seed=3)]
-    (got,), (expected,) = _both(lambda p, *a, **k: ak.addax_update_(p, grads, *a, **k), backend, [params],
-                                99, 0.8, 1e-2, 0.3, weight_decay=0.01, rounding=rounding)
+    (got,), (expected,) = on_backend_and_reference(
+        lambda p, *a, **k: ak.addax_update_(p, grads, *a, **k), backend, [params],
+        99, 0.8, 1e-2, 0.3, weight_decay=0.01, rounding=rounding)
     assert_matches_reference(got, expected, 1e-2 * 0.8)
 
 
@@ -142,7 +132,7 @@ def test_momentum_update_over_three_steps(backend_device, dtype, state_dtype, no
     backend, device = backend_device
     params = _params((5, 4097, 640), dtype, device, seed=6)
     buffers = [torch.zeros(p.shape, dtype=state_dtype, device=device) for p in params]
-    got, expected = [_clones(params), _clones(buffers)], [_clones(params), _clones(buffers)]
+    got, expected = [clones(params), clones(buffers)], [clones(params), clones(buffers)]
     for step, (coeff, lr) in enumerate(((0.5, 1e-2), (-1.5, 2e-2), (0.25, 1e-2))):
         for (p, b), name in ((got, backend), (expected, "reference")):
             ak.zo_momentum_update_(p, b, [BIG_SEED - step], [coeff], lr, 0.9, restore=1e-3, weight_decay=0.05,
@@ -163,8 +153,8 @@ def test_adam_update_over_three_steps(backend_device, dtype, state_dtype, noise)
     params = _params((5, 4097, 640), dtype, device, seed=7)
     exp_avgs = [torch.zeros(p.shape, dtype=state_dtype, device=device) for p in params]
     exp_avg_sqs = [torch.zeros(p.shape, dtype=state_dtype, device=device) for p in params]
-    got = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs)]
-    expected = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs)]
+    got = [clones(params), clones(exp_avgs), clones(exp_avg_sqs)]
+    expected = [clones(params), clones(exp_avgs), clones(exp_avg_sqs)]
     for step, coeff in enumerate((0.5, -1.5, 0.25), start=1):
         for (p, m, v), name in ((got, backend), (expected, "reference")):
             ak.zo_adam_update_(p, m, v, [BIG_SEED - step], [coeff], 1e-3, step, betas=(0.8, 0.9), eps=1e-2,
@@ -184,8 +174,8 @@ def test_sparsity_mask_is_the_purpose_two_words(backend_device, noise):
     """Dropped elements keep their value exactly; kept ones move; the result equals the reference."""
     backend, device = backend_device
     params = _params((4097, 133), torch.float32, device, seed=8)
-    (got,), (expected,) = _both(ak.perturb_, backend, [params], 12345, 0.5, noise=noise, sparsity=0.3,
-                                tids=[3, 9])
+    (got,), (expected,) = on_backend_and_reference(ak.perturb_, backend, [params], 12345, 0.5, noise=noise,
+                                                   sparsity=0.3, tids=[3, 9])
     assert_matches_reference(got, expected, 0.5, exact=_exact(noise, device))
     for tid, before, after in zip((3, 9), params, got):
         kept = torch.tensor([spec_kept(12345, tid, e, 0.3) for e in range(before.numel())])
@@ -201,8 +191,8 @@ def test_sparse_update_with_directions_and_state(backend_device, dtype):
     backend, device = backend_device
     params = _params((4097, 640), dtype, device, seed=9)
     buffers = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
-    got, expected = _both(ak.zo_momentum_update_, backend, [params, buffers], [5, 6], [0.5, -0.5], 1e-2, 0.9,
-                          restore=1e-3, sparsity=0.75, rounding="stochastic")
+    got, expected = on_backend_and_reference(ak.zo_momentum_update_, backend, [params, buffers], [5, 6], [0.5, -0.5],
+                                             1e-2, 0.9, restore=1e-3, sparsity=0.75, rounding="stochastic")
     assert_matches_reference(got[0], expected[0], 1e-3 + 1e-2)
     assert_matches_reference(got[1], expected[1], 1.0, names="momentum_buffers")
 
@@ -210,10 +200,10 @@ def test_sparse_update_with_directions_and_state(backend_device, dtype):
 def test_rounding_seed_keys_the_rounding_words(backend_device):
     backend, device = backend_device
     params = _params((4097, 640), torch.bfloat16, device, seed=10)
-    (got,), (expected,) = _both(ak.zo_update_, backend, [params], 5, 0.5, 1e-3, restore=1e-3,
-                                rounding="stochastic", rounding_seed=BIG_SEED)
+    (got,), (expected,) = on_backend_and_reference(ak.zo_update_, backend, [params], 5, 0.5, 1e-3, restore=1e-3,
+                                                   rounding="stochastic", rounding_seed=BIG_SEED)
     assert_matches_reference(got, expected, 2e-3)
-    default = _clones(params)
+    default = clones(params)
     ak.zo_update_(default, 5, 0.5, 1e-3, restore=1e-3, rounding="stochastic", backend=backend)
     assert any(not torch.equal(a, b) for a, b in zip(got, default)), "rounding_seed had no effect"
 
@@ -233,8 +223,8 @@ def test_seed_tensors_equal_python_int_seeds(backend_device, seed_dtype):
     params = _params((4097, 133), torch.bfloat16, device, seed=11)
     buffers = [torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params]
     seeds = [BIG_SEED, 7, 2**63]
-    host_p, host_b = _clones(params), _clones(buffers)
-    dev_p, dev_b = _clones(params), _clones(buffers)
+    host_p, host_b = clones(params), clones(buffers)
+    dev_p, dev_b = clones(params), clones(buffers)
     ak.perturb_(host_p, BIG_SEED, 1e-2, rounding="stochastic", rounding_seed=2**64 - 1, backend=backend)
     ak.perturb_(dev_p, _seed_tensor(BIG_SEED, device, dtype), 1e-2, rounding="stochastic",
                 rounding_seed=_seed_tensor(2**64 - 1, device, dtype), backend=backend)
@@ -250,7 +240,7 @@ def test_seed_tensors_equal_python_int_seeds(backend_device, seed_dtype):
 def test_device_tensor_scalars_equal_python_floats(backend_device):
     backend, device = backend_device
     params = _params((4097, 33), torch.float32, device, seed=5)
-    with_floats, with_tensors = _clones(params), _clones(params)
+    with_floats, with_tensors = clones(params), clones(params)
     ak.zo_update_(with_floats, [1, 2], [0.5, -0.25], 1e-2, restore=1e-3, backend=backend)
     scalar = lambda value: torch.tensor(value, device=device)  # noqa: E731
     ak.zo_update_(with_tensors, [1, 2], [scalar(0.5), scalar(-0.25)], scalar(1e-2), restore=scalar(1e-3),
@@ -278,7 +268,7 @@ def test_offsets_past_32_bits_up_to_the_int64_end(backend_device, offset):
     """offset + numel may reach 2**63 (the last element index is 2**63 - 1)."""
     backend, device = backend_device
     params = _params((4097,), torch.float32, device, seed=13)
-    (got,), (expected,) = _both(ak.perturb_, backend, [params], 3, 1e-2, offsets=[offset])
+    (got,), (expected,) = on_backend_and_reference(ak.perturb_, backend, [params], 3, 1e-2, offsets=[offset])
     assert_matches_reference(got, expected, 1e-2)
 
 
@@ -286,8 +276,8 @@ def test_many_tensors_of_odd_sizes_and_empty_ones_in_one_call(backend_device):
     backend, device = backend_device
     sizes = [1, 3, 0, 2, 513, 13, 127, 31, 0, 1, 129] * 4
     params = _params(sizes, torch.bfloat16, device, seed=14)
-    (got,), (expected,) = _both(ak.perturb_, backend, [params], 5, 1e-3, rounding="stochastic",
-                                tids=[(7919 * i) % 2**32 for i in range(len(sizes))])
+    (got,), (expected,) = on_backend_and_reference(ak.perturb_, backend, [params], 5, 1e-3, rounding="stochastic",
+                                                   tids=[(7919 * i) % 2**32 for i in range(len(sizes))])
     assert_matches_reference(got, expected, 1e-3)
 
 
@@ -295,7 +285,7 @@ def test_mixed_dtypes_in_one_call_equal_separate_calls(backend_device):
     backend, device = backend_device
     params = (_params((257, 4097), torch.float32, device, seed=15) + _params((129,), torch.bfloat16, device, seed=16)
               + _params((33,), torch.float16, device, seed=17))
-    together = _clones(params)
+    together = clones(params)
     ak.zo_update_(together, 3, 0.5, 1e-2, restore=1e-3, rounding="stochastic", backend=backend)
     for index, param in enumerate(params):
         alone = param.clone()

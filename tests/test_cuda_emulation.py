@@ -18,7 +18,7 @@ import torch
 import addax_kernels as ak
 import cuda_emulation as emulation_build
 from cuda_emulation import backend as emulation_backend
-from tolerance import assert_matches_reference
+from tolerance import assert_matches_reference, on_backend_and_reference
 
 # backend="native" is the emulation in every test here (tests/conftest.py installs it; it skips
 # where the emulation cannot be built for want of a compiler).
@@ -39,16 +39,10 @@ def _params(sizes, dtype, seed, scale=0.05):
     return [(torch.randn(size, generator=generator) * scale).to(dtype) for size in sizes]
 
 
-def _clones(tensors):
-    return [t.clone() for t in tensors]
-
-
 def _emulated_and_reference(op, params):
-    """``op(params, backend)`` on two copies: the emulated CUDA kernels' result and the reference's."""
+    """``op(params, backend=...)`` on two copies: the emulated CUDA kernels' result and the reference's."""
     assert emulation_backend.active(), "backend='native' is not the CUDA emulation here"
-    got, expected = _clones(params), _clones(params)
-    op(got, "native")
-    op(expected, "reference")
+    (got,), (expected,) = on_backend_and_reference(op, "native", [params])
     return got, expected
 
 

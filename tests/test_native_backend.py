@@ -31,7 +31,7 @@ from addax_kernels import rng
 from addax_kernels.backends import native
 from cuda_emulation import backend as cuda_emulation
 from known_answers import PHILOX_KAT
-from tolerance import assert_matches_reference
+from tolerance import assert_matches_reference, on_backend_and_reference
 
 from conftest import HAS_CUDA
 
@@ -136,14 +136,6 @@ def _random_params(sizes, dtype, seed=0):
     return [(torch.randn(size, generator=generator) * 0.05).to(dtype) for size in sizes]
 
 
-def _run_both(op, params, *args, **kwargs):
-    got = [p.clone() for p in params]
-    expected = [p.clone() for p in params]
-    op(got, *args, backend="native", **kwargs)
-    op(expected, *args, backend="reference", **kwargs)
-    return got, expected
-
-
 @requires_native
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noise", NOISES)
@@ -218,8 +210,8 @@ def test_offsets_past_32_bits(noise, offset):
     """Global indices past 2^31/2^32, and Philox block indices whose high counter word carries
     inside a tile (the SIMD Philox then falls back to its scalar loop)."""
     params = _random_params((4001,), torch.float16, seed=8)
-    got, expected = _run_both(ak.perturb_, params, BIG_SEED, 1e-2, noise=noise, rounding="stochastic",
-                              offsets=[offset])
+    (got,), (expected,) = on_backend_and_reference(ak.perturb_, "native", [params], BIG_SEED, 1e-2, noise=noise,
+                                                   rounding="stochastic", offsets=[offset])
     assert_matches_reference(got, expected, 1e-2, exact=noise == "rademacher")
 
 
@@ -341,7 +333,8 @@ def test_run_reads_gradients_at_the_groups_positions():
     params = _random_params((7, 4097, 129, 1025), torch.float32, seed=20)
     params[1], params[3] = params[1].to(torch.bfloat16), params[3].to(torch.bfloat16)
     grads = [g.to(p.dtype) for g, p in zip(_random_params((7, 4097, 129, 1025), torch.float32, seed=21), params)]
-    got, expected = _run_both(ak.addax_update_, params, grads, 5, 0.5, 1e-2, 0.3, noise="rademacher")
+    (got,), (expected,) = on_backend_and_reference(ak.addax_update_, "native", [params], grads, 5, 0.5, 1e-2, 0.3,
+                                                   noise="rademacher")
     assert_matches_reference(got, expected, 0.0, exact=True)
 
 
@@ -481,13 +474,13 @@ def test_cuda_ops_match_reference(cuda_kernels, dtype, noise, rounding):
         (ak.zo_update_, ([BIG_SEED], [0.7], 1e-2), dict(restore=1e-3, sparsity=0.5)),
     ]
     for op, args, kwargs in calls:
-        got, expected = _run_both(op, params, *args, **common, **kwargs)
+        (got,), (expected,) = on_backend_and_reference(op, "native", [params], *args, **common, **kwargs)
         assert_matches_reference(got, expected, 1e-2 + 1e-3)
     for grad_dtype in DTYPES:
         grads = [(p.float() * 0.5).to(grad_dtype) for p in params]
         for decay in (0.0, 0.05):
-            got, expected = _run_both(ak.addax_update_, params, grads, BIG_SEED, 0.6, 1e-2, 0.4, weight_decay=decay,
-                                      **common)
+            (got,), (expected,) = on_backend_and_reference(ak.addax_update_, "native", [params], grads, BIG_SEED, 0.6,
+                                                           1e-2, 0.4, weight_decay=decay, **common)
             assert_matches_reference(got, expected, 1e-2)
 
 
@@ -564,10 +557,11 @@ def test_cuda_many_tensors_with_gradients_and_many_directions(cuda_kernels):
     count = extension.cuda_param_directions + 3
     params = [p.to(cuda_kernels) for p in _random_params([1 + (7 * i) % 300 for i in range(1100)], torch.float32, seed=24)]
     grads = [p * 0.5 for p in params]
-    got, expected = _run_both(ak.addax_update_, params, grads, 9, 0.5, 1e-2, 0.3, noise="rademacher")
+    (got,), (expected,) = on_backend_and_reference(ak.addax_update_, "native", [params], grads, 9, 0.5, 1e-2, 0.3,
+                                                   noise="rademacher")
     assert_matches_reference(got, expected, 1e-2)
-    got, expected = _run_both(ak.zo_update_, params[:50], list(range(count)), [0.01] * count, 1e-2,
-                              noise="rademacher")
+    (got,), (expected,) = on_backend_and_reference(ak.zo_update_, "native", [params[:50]], list(range(count)),
+                                                   [0.01] * count, 1e-2, noise="rademacher")
     assert_matches_reference(got, expected, 1e-2 * 0.01 * count)
 
 

@@ -1,4 +1,6 @@
-"""The one tolerance helper of the test suite: a backend's result against the reference backend's.
+"""The test suite's one comparison with the reference: run an op on a backend and on the reference
+backend (``on_backend_and_reference``), then hold the results to the bounds below
+(``assert_matches_reference``).
 
 Why these bounds:
 * Philox words, uniforms, Rademacher z, sparsity masks and the rounding rules are integer
@@ -24,6 +26,21 @@ import torch
 
 Z_DISAGREEMENT = {"cpu": 4e-6, "cuda": 1e-5}
 MAX_FLIPPED_FRACTION = 0.01
+
+
+def clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def on_backend_and_reference(op, backend: str, tensor_lists, *args, **kwargs):
+    """``op(*lists, *args, backend=..., **kwargs)`` on clones of ``tensor_lists`` (the lists the op
+    updates in place), once with ``backend`` and once with the reference; returns (got, expected),
+    each a list of the updated lists in the order given."""
+    got = [clones(tensors) for tensors in tensor_lists]
+    expected = [clones(tensors) for tensors in tensor_lists]
+    op(*got, *args, backend=backend, **kwargs)
+    op(*expected, *args, backend="reference", **kwargs)
+    return got, expected
 
 
 def _positions(bits16: torch.Tensor) -> torch.Tensor:
