@@ -25,7 +25,6 @@ formed from 16-bit halves so that no intermediate leaves the int64 range.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -210,23 +209,35 @@ def philox4x32(counter, key):
     return out
 
 
-def _as_word_tensor(words, name: str) -> torch.Tensor:
+def _as_word_tensor(words, name: str, function: str = "philox4x32") -> torch.Tensor:
     if isinstance(words, torch.Tensor):
         if words.dtype.is_floating_point or words.dtype.is_complex or words.dtype == torch.bool:
-            raise TypeError(f"philox4x32: {name} must hold integers, got {words.dtype}")
+            raise TypeError(f"{function}: {name} must hold integers, got {words.dtype}")
         tensor = words.to(torch.int64)
     else:
         array = np.asarray(words)
         if array.dtype.kind not in "iu":
-            raise TypeError(f"philox4x32: {name} must hold integers, got {array.dtype}")
+            raise TypeError(f"{function}: {name} must hold integers, got {array.dtype}")
         tensor = torch.from_numpy(array.astype(np.int64))
     if bool(((tensor < 0) | (tensor > _MASK32)).any()):
-        raise ValueError(f"philox4x32: {name} values must be in [0, 2**32)")
+        raise ValueError(f"{function}: {name} values must be in [0, 2**32)")
     return tensor
 
 
-def uniforms(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``u = (2 * (w >> 9) + 1) * 2**-24`` — exact in float32, strictly inside (0, 1)."""
+def uniforms(words, dtype: torch.dtype = torch.float32):
+    """SPEC §1's uniforms of Philox words: ``u = (2 * (w >> 9) + 1) * 2**-24``, exact in
+    float32, strictly inside (0, 1).
+
+    ``words``: values in [0, 2**32) as a torch tensor or numpy array of any integer dtype (what
+    :func:`philox4x32` returns).  Returns a tensor of ``dtype`` of the same shape, on the words'
+    device, or, for numpy input, a numpy array (``dtype`` float32 or float64).
+    """
+    result = _uniforms(_as_word_tensor(words, "words", "uniforms"), dtype)
+    return result.numpy() if isinstance(words, np.ndarray) else result
+
+
+def _uniforms(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`uniforms` of an int64 tensor of words, unchecked (the reference backend's path)."""
     return ((words >> 9) * 2 + 1).to(dtype) * (2.0**-24)
 
 
@@ -267,7 +278,7 @@ def keep_mask_range(seed, tid: int, start: int, count: int, threshold: int, devi
 
 
 def _gaussian_from_words(words, dtype: torch.dtype) -> torch.Tensor:
-    u0, u1, u2, u3 = (uniforms(w, dtype) for w in words)
+    u0, u1, u2, u3 = (_uniforms(w, dtype) for w in words)
     r0 = torch.sqrt(-2.0 * torch.log(u0))
     r1 = torch.sqrt(-2.0 * torch.log(u2))
     theta0 = _TWO_PI * u1
@@ -347,22 +358,36 @@ def noise(
     build this tensor.
     """
     seed = check_seed(seed)
-    tid = check_tid(tid)
+    shape, tid, offset = check_noise_layout(shape, tid, offset, dtype)
     if purpose not in (PURPOSE_NOISE, PURPOSE_ROUNDING):
         raise ValueError(f"purpose must be 0 (noise) or 1 (rounding bits), got {purpose!r}")
     threshold = sparsity_threshold(sparsity)
-    if isinstance(shape, numbers.Integral):
-        shape = (int(shape),)
-    shape = torch.Size(shape)
-    if not is_integer(offset) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    if not (dtype.is_floating_point):
-        raise TypeError(f"noise dtype must be floating, got {dtype}")
     z = noise_range(
-        seed, tid, int(offset), shape.numel(), noise=noise, dtype=dtype, device=device, purpose=purpose,
+        seed, tid, offset, shape.numel(), noise=noise, dtype=dtype, device=device, purpose=purpose,
         sparsity_threshold=threshold,
     )
     return z.reshape(shape)
+
+
+def check_noise_layout(shape, tid, offset, dtype) -> Tuple[torch.Size, int, int]:
+    """``(shape, tid, offset)`` of a materialized z, checked: ``shape`` an int or a sequence of
+    ints >= 0, ``tid`` in [0, 2**32), ``offset`` an int >= 0 with offset + numel <= 2**63, and
+    ``dtype`` a floating torch dtype."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"noise dtype must be a floating torch.dtype, got {dtype!r}")
+    dims = (shape,) if is_integer(shape) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if not all(is_integer(dim) and dim >= 0 for dim in dims):
+        raise ValueError(f"shape must be an int or a sequence of ints >= 0, got {shape!r}")
+    shape = torch.Size(int(dim) for dim in dims)
+    tid = check_tid(tid)
+    if not is_integer(offset) or offset < 0 or offset + shape.numel() > 2**63:
+        raise ValueError(f"offset must be an int >= 0 with offset + numel <= 2**63, got {offset!r} for "
+                         f"{shape.numel()} elements")
+    return shape, tid, int(offset)
 
 
 def rounding_words(seed, tid: int, start: int, count: int, device=None) -> torch.Tensor:

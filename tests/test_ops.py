@@ -173,6 +173,18 @@ def test_zo_adam_update_is_torch_adam_on_the_implied_gradient(generator, backend
             assert torch.allclose(p, tp.detach(), rtol=0, atol=2e-6), step
 
 
+def test_zo_adam_step_as_a_cpu_tensor_is_the_same_int(generator, backend):
+    """A 0-dim CPU step tensor is read on the host, as CPU scalars are: bit-identical to the int."""
+    params = make_params(generator, SMALL_SHAPES)
+    results = []
+    for step in (7, torch.tensor(7), torch.tensor(7, dtype=torch.int32)):
+        updated, states = clones(params), [torch.full_like(p, 0.1) for p in params]
+        ak.zo_adam_update_(updated, states, clones(states), 3, 0.5, 0.01, step, betas=(0.8, 0.99), backend=backend)
+        results.append(updated + states)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_alpha_one_and_zero_reduce_to_zo_and_sgd(generator, backend):
     params = make_params(generator, SMALL_SHAPES)
     grads = [torch.randn(p.shape, generator=generator) for p in params]
@@ -467,6 +479,29 @@ def test_offsets_past_2_to_the_63_are_rejected_before_any_group_runs(generator, 
 # ----------------------------------------------------------------------------- rejected input (issue 14 item 8)
 
 
+class _StoragelessWrapper(torch.Tensor):
+    """A wrapper tensor subclass (the kind DTensor is): dense and strided to look at, its data
+    pointer 0, its elements held by the tensor it wraps."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _StoragelessWrapper) else t  # noqa: E731
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+def _storageless_wrapper(inner: torch.Tensor) -> torch.Tensor:
+    wrapper = _StoragelessWrapper(inner)
+    assert wrapper.data_ptr() == 0 and wrapper.is_contiguous()
+    return wrapper
+
+
 def rejected_calls(params, grads):
     """``(label, expected exception, message pattern, call)``: every pattern names the argument."""
     good = dict(backend="reference")
@@ -593,6 +628,22 @@ def rejected_calls(params, grads):
         p, buffers, [b.clone() for b in buffers], 1, 0.1, 0.1, 0, **good)
     yield "adam betas", ValueError, r"^betas\[1\] must be in \[0, 1\)", lambda: ak.zo_adam_update_(
         p, buffers, [b.clone() for b in buffers], 1, 0.1, 0.1, 1, betas=(0.9, 1.0), **good)
+    for step in (torch.tensor(0), torch.tensor(-3)):
+        yield f"adam step tensor {step!r}", ValueError, r"^step must be an int >= 1", lambda step=step: (
+            ak.zo_adam_update_(p, buffers, [b.clone() for b in buffers], 1, 0.1, 0.1, step, **good))
+    for step in (torch.tensor(1.5), torch.tensor(True)):
+        yield f"adam step tensor {step!r}", TypeError, r"^step must be an integer tensor", lambda step=step: (
+            ak.zo_adam_update_(p, buffers, [b.clone() for b in buffers], 1, 0.1, 0.1, step, **good))
+    # Ranges hold for the value given, not for its float32 rounding (1.00000001 rounds to 1).
+    yield "momentum just above 1", ValueError, r"^momentum must be in \[0, 1\]", lambda: ak.zo_momentum_update_(
+        p, buffers, 1, 0.1, 0.1, 1.00000001, **good)
+    yield "an int beyond float64", ValueError, r"^lr overflows float32", lambda: ak.zo_update_(
+        p, 1, 0.1, 10**400, **good)
+    wrapper = _storageless_wrapper(torch.zeros(5))
+    yield "wrapper subclass param", ValueError, r"params\[4\].*has no memory of its own", lambda: ak.perturb_(
+        p + [wrapper], 1, 0.1, **good)
+    yield "wrapper subclass grad", ValueError, r"^grads\[3\].*has no memory of its own", lambda: ak.addax_update_(
+        p, grads[:-1] + [_storageless_wrapper(grads[-1])], 1, 0.1, 0.1, 0.5, **good)
 
 
 def test_every_bad_input_is_rejected_naming_it_with_nothing_changed(generator):
@@ -695,6 +746,17 @@ def test_unavailable_backend_is_reported_clearly(generator):
         if state != "available":
             with pytest.raises(RuntimeError, match=name):
                 ak.perturb_(make_params(generator), 1, 0.1, backend=name)
+
+
+def test_no_backend_is_available_on_a_device_torch_does_not_have():
+    if torch.cuda.is_available():
+        assert "reference" in ak.available_backends("cuda")
+        missing = f"cuda:{torch.cuda.device_count()}"
+    else:
+        missing = "cuda"
+    assert ak.available_backends(missing) == []
+    assert "not available" in ak.backend_report(missing)["reference"] or "does not exist" in ak.backend_report(
+        missing)["reference"]
 
 
 def test_environment_override_of_auto_backend(monkeypatch):
@@ -828,8 +890,16 @@ def test_public_noise_of_every_backend_is_within_the_spec_bound_of_float64():
         assert float((got.double() - expected).abs().max()) <= 1e-3, name
         rademacher = ak.noise(300, 5, tid=2, noise="rademacher", backend=name)
         assert torch.equal(rademacher.double(), ak.noise(300, 5, tid=2, noise="rademacher", dtype=torch.float64))
-        with pytest.raises(TypeError, match="floating"):
-            ak.noise(3, 5, dtype=torch.int32, backend=name)
+        # Every backend checks the layout arguments alike and names them as ak.noise does.
+        for kwargs, error, pattern in ((dict(dtype=torch.int32), TypeError, "^noise dtype must be a floating"),
+                                       (dict(dtype=np.float32), TypeError, "^noise dtype must be a floating"),
+                                       (dict(shape=(2, -1)), ValueError, "^shape must be"),
+                                       (dict(shape="3"), ValueError, "^shape must be"),
+                                       (dict(tid=-1), ValueError, r"^tid must be in \[0, 2\*\*32\)"),
+                                       (dict(offset=2**63 - 2), ValueError, "^offset must be")):
+            kwargs = dict(dict(shape=3), **kwargs)
+            with pytest.raises(error, match=pattern):
+                ak.noise(kwargs.pop("shape"), 5, backend=name, **kwargs)
     with pytest.raises(ValueError, match="reference backend only"):
         ak.noise(3, 5, dtype=torch.float64, backend="native")
 

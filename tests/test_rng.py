@@ -54,6 +54,22 @@ def test_uniforms_are_exact_and_strictly_inside_unit_interval():
     assert float(u.min()) == 2.0**-24 and float(u.max()) == 1.0 - 2.0**-24
 
 
+def test_uniforms_take_what_philox4x32_returns_and_refuse_what_is_not_a_word():
+    counter = np.array([[1, 2, 3, 2**32 - 1]], dtype=np.uint32)
+    key = np.array([[7, 2**31]], dtype=np.uint32)
+    words = ak.philox4x32(counter, key)  # numpy uint32 for numpy input
+    expected = (2 * (words.astype(np.int64) >> 9) + 1) * 2.0**-24
+    from_numpy = ak.uniforms(words)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.float32
+    assert np.array_equal(from_numpy.astype(np.float64), expected)
+    as_int64 = ak.philox4x32(torch.from_numpy(counter.astype(np.int64)), torch.from_numpy(key.astype(np.int64)))
+    assert torch.equal(ak.uniforms(as_int64).double(), torch.from_numpy(expected))
+    with pytest.raises(ValueError, match=r"uniforms: words values must be in \[0, 2\*\*32\)"):
+        ak.uniforms(torch.from_numpy(words.view(np.int32)))  # words >= 2**31 read as negative
+    with pytest.raises(TypeError, match="uniforms: words must hold integers"):
+        ak.uniforms(torch.rand(4))
+
+
 def test_counter_layout_against_known_answer():
     """seed 0, tid 0, purpose 0, e = 0..3 uses counter (0,0,0,0) and key (0,0): the first KAT."""
     words = PHILOX_KAT[0][2]

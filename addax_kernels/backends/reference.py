@@ -37,6 +37,16 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
+    """PyTorch's own ops run on any device torch has: None unless ``device`` is not there."""
+    if device.type == "cpu":
+        return None
+    module = getattr(torch, device.type, None)
+    is_available = getattr(module, "is_available", None)
+    if callable(is_available) and not is_available():
+        return f"torch.{device.type} is not available (no {device.type} device or no {device.type} build of torch)"
+    device_count = getattr(module, "device_count", None)
+    if device.index is not None and callable(device_count) and device.index >= device_count():
+        return f"{device} does not exist ({device_count()} {device.type} devices)"
     return None
 
 

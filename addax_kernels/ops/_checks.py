@@ -33,7 +33,10 @@ def as_real(value, name: str) -> float:
         value = value.item()
     if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} overflows float32 (an int beyond float range)") from None
 
 
 def finite_float32(value, name: str) -> float:
@@ -66,10 +69,13 @@ def check_scalar(value, name: str, device: torch.device) -> Union[float, torch.T
 
 
 def check_unit_interval(value, name: str, open_right: bool = False) -> float:
-    value = finite_float32(value, name)
-    if not (0.0 <= value < 1.0 if open_right else 0.0 <= value <= 1.0):
+    """``value`` in [0, 1] (or [0, 1)) as given, then rounded to float32 (0.99999999 is in
+    [0, 1) although float32 rounds it to 1, as torch.optim.Adam accepts it)."""
+    rounded = finite_float32(value, name)
+    exact = as_real(value, name)
+    if not (0.0 <= exact < 1.0 if open_right else 0.0 <= exact <= 1.0):
         raise ValueError(f"{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
-    return value
+    return rounded
 
 
 def check_choice(value, name: str, choices) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Union
 
 import torch
@@ -46,11 +45,9 @@ def noise(
     """
     if backend == "reference":
         return _rng.noise(shape, seed, tid, offset, noise=noise, dtype=dtype, device=device, sparsity=sparsity)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"noise dtype must be floating, got {dtype}")
+    shape, tid, offset = _rng.check_noise_layout(shape, tid, offset, dtype)
     if dtype == torch.float64:
         raise ValueError("float64 noise comes from the reference backend only")
-    out = torch.zeros(shape if not isinstance(shape, numbers.Integral) else (int(shape),),
-                      dtype=torch.float32, device=device)
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
     perturb_(out, seed, 1.0, tids=[tid], offsets=[offset], noise=noise, sparsity=sparsity, backend=backend)
     return out.to(dtype)

@@ -39,6 +39,11 @@ def _adam_scalars(lr, step, betas, eps, device) -> dict:
         if step.dim() != 0 or step.device != device:
             raise ValueError(f"step must be an int >= 1 or a 0-dim tensor on {device}, got shape "
                              f"{tuple(step.shape)} on {step.device}")
+        if step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+            raise TypeError(f"step must be an integer tensor (a count of updates), got {step.dtype}")
+        if step.device.type == "cpu":
+            step = step.item()  # a host value: checked, and computed exactly, as an int below
+    if isinstance(step, torch.Tensor):
         step = step.detach().to(torch.float32)
         # torch.full, not torch.tensor: no host-to-device copy inside a captured step.
         bias_correction1 = 1 - torch.pow(torch.full((), beta1, dtype=torch.float32, device=device), step)
@@ -122,8 +127,9 @@ zo_adam_update_.__doc__ = _docs.compose(
     _docs.LR + "\n" + _docs.STEP_SCALAR,
     """\
     step: t >= 1, the number of this update (as torch.optim.Adam counts): an int, or a 0-dim
-        tensor on the params' device (the bias corrections are then computed on the device,
-        for captured steps).
+        integer tensor on the params' device (a CPU tensor is read and checked like an int; on
+        an accelerator the bias corrections are computed on the device, for captured steps, and
+        the value is not checked, which would cost a host sync).
     betas: (β1, β2), each in [0, 1).
     eps: Adam's epsilon, a float >= 0.""",
     _docs.RESTORE,
