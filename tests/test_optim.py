@@ -1217,6 +1217,45 @@ def test_family_equals_torch_optim_on_the_zo_gradient(case, backend):
             torch.testing.assert_close(value, theirs[TORCH_STATE_KEYS[key]], rtol=1e-4, atol=tolerance)
 
 
+def test_momentum_turned_on_mid_run_follows_torch_sgd():
+    """A group edited from momentum 0 to 0.9 (a warm-up) gets its buffers at that step, as
+    torch.optim.SGD creates them: the run equals SGD edited the same way on the ZO gradient."""
+    data = regression_data()
+    model = small_mlp()
+    twin = copy.deepcopy(model)
+    optimizer = MeZO(model.parameters(), lr=2e-3, eps=1e-3, momentum=0.0, seed=5, backend="reference")
+    reference = torch.optim.SGD(twin.parameters(), lr=2e-3, momentum=0.0)
+    params = list(twin.parameters())
+    for step in range(6):
+        if step == 3:
+            optimizer.param_groups[0]["momentum"] = reference.param_groups[0]["momentum"] = 0.9
+        optimizer.step(mse_closure(model, data))
+        (z,) = [materialized_z(params, seed, 0.0) for seed in optimizer.direction_seeds(step)]
+        plain_estimate(params, mse_closure(twin, data), [z], 1e-3, False)
+        for tid, p in enumerate(params):
+            p.grad = optimizer.projected_grads[0] * z[tid]
+        reference.step()
+    assert_params_close(model, twin, atol=2e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"],
+                                   rtol=1e-4, atol=2e-6)
+
+
+def test_each_update_call_gets_the_coefficients_on_its_own_device():
+    """A model on two devices has one update call per device; each call's coefficients must be on
+    its device (the per-step cache once handed every call the first call's copy).  The meta
+    device stands in for a second accelerator."""
+    from addax_kernels.optim._base import _Call, _Estimate
+
+    optimizer = MeZO([torch.zeros(3)], lr=0.01, eps=1e-3, backend="reference")
+    estimate = _Estimate(projected=torch.tensor([0.5]), losses_plus=[], losses_minus=[], baseline=None,
+                         restore=1.0, last_seed=0)
+    cache: dict = {}
+    for device in ("meta", "cpu", "meta"):
+        call = _Call(device=torch.device(device), groups=(0,), slots=(0,), tensors=[], eps=1e-3, kwargs={})
+        assert optimizer._coefficients(estimate, call, cache).device == torch.device(device)
+
+
 def bf16_neighbours(value):
     """(floor, ceil) of float32 ``value`` on the bfloat16 grid, from the bit pattern: truncating
     the low 16 bits rounds the magnitude down; one more bf16 step rounds it up."""

@@ -395,7 +395,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         signatures = [(float(g["eps"]), self._lr_key(g["lr"]), self._update_key(g)) for g in groups]
         first_equal: Dict[Any, int] = {}
         update_classes = tuple(first_equal.setdefault(s, i) for i, s in enumerate(signatures))
-        key = (tuple(s[0] for s in signatures), update_classes, tuple(float(g["weight_decay"]) for g in groups))
+        # Which groups carry state is part of the key: momentum turned on mid-run needs buffers.
+        key = (tuple(s[0] for s in signatures), update_classes, tuple(float(g["weight_decay"]) for g in groups),
+               tuple(self._needs_state(g) for g in groups))
         plan = self._plan
         if plan is not None and plan.key == key:
             return plan
@@ -424,7 +426,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 ))
             return calls
 
-        eps_of, update_class_of, _ = key
+        eps_of, update_class_of, _, _ = key
         perturb_calls = calls_by(lambda g: eps_of[g])
         update_calls = calls_by(lambda g: update_class_of[g])
         call_of_slot = {slot: (c, i) for c, call in enumerate(update_calls) for i, slot in enumerate(call.slots)}
@@ -737,7 +739,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         :meth:`_StepSeeds.update_directions`."""
         eps_ref = float(self.param_groups[0]["eps"])
         scale = 1.0 if self.sign else eps_ref / call.eps
-        coefficients = cache.get(scale)
+        # One tensor per scale and device: calls on other devices must not get this one's copy.
+        coefficients = cache.get((scale, call.device))
         if coefficients is None:
             g = estimate.projected
             if estimate.finite is not None:
@@ -748,7 +751,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             count = self.num_directions
             # The last perturbed direction first, as in _StepSeeds.update_directions.
             coefficients = torch.roll(coefficients, 1) if count > 1 else coefficients[0]
-            cache[scale] = coefficients = coefficients.to(call.device, non_blocking=True)
+            cache[scale, call.device] = coefficients = coefficients.to(call.device, non_blocking=True)
         return coefficients
 
     @staticmethod
