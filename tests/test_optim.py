@@ -513,6 +513,56 @@ def test_addax_alpha_zero_is_torch_sgd():
     assert_params_close(model, twin, atol=1e-6)
 
 
+@pytest.mark.parametrize("use_reentrant, fo_in_backward", [(True, True), (False, True), (True, False)])
+def test_addax_with_a_layer_shared_by_two_checkpointed_segments(use_reentrant, fo_in_backward):
+    """Reentrant checkpointing runs backward per segment: a layer used in both segments gets two
+    gradients. In-backward updates must refuse that (the first would be applied alone); the
+    other settings equal torch.optim.SGD on the whole gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    shared, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def loss_of(layer, last):
+        h = checkpoint(lambda t: torch.tanh(layer(t)), x, use_reentrant=use_reentrant)
+        h = checkpoint(lambda t: torch.tanh(layer(t)), h, use_reentrant=use_reentrant)
+        return last(h).pow(2).mean()
+
+    twin_shared, twin_head = copy.deepcopy(shared), copy.deepcopy(head)
+    sgd = torch.optim.SGD([*twin_shared.parameters(), *twin_head.parameters()], lr=0.1)
+    loss_of(twin_shared, twin_head).backward()
+    sgd.step()
+    optimizer = Addax([*shared.parameters(), *head.parameters()], lr=0.1, alpha=0.0, backend="reference",
+                      fo_in_backward=fo_in_backward)
+    if use_reentrant and fo_in_backward:
+        with pytest.raises(RuntimeError, match="second gradient.*use_reentrant=False"):
+            optimizer.step(None, lambda: loss_of(shared, head))
+        assert optimizer.steps_taken == 0
+        return
+    optimizer.step(None, lambda: loss_of(shared, head))
+    for ours, theirs in zip([*shared.parameters(), *head.parameters()],
+                            [*twin_shared.parameters(), *twin_head.parameters()]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+
+
+def test_addax_hooks_go_with_the_optimizer():
+    """Optimizers rebuilt on one model leave no hooks behind, and a later plain backward keeps
+    its gradients."""
+    import gc
+
+    model, x = torch.nn.Linear(4, 2), torch.randn(3, 4)
+    for _ in range(3):
+        optimizer = Addax(model.parameters(), lr=0.01, backend="reference")
+        optimizer.step(None, lambda: model(x).pow(2).mean())
+        assert len(model.weight._post_accumulate_grad_hooks) == 1
+        del optimizer
+        gc.collect()
+        assert not model.weight._post_accumulate_grad_hooks
+    model(x).pow(2).mean().backward()
+    assert model.weight.grad is not None
+
+
 def test_addax_alpha_one_is_mezo_bit_for_bit():
     generator = torch.Generator().manual_seed(8)
     model = tiny_model("opt")

@@ -4,6 +4,7 @@ short ones, each gradient applied during backward in bounded buckets."""
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,6 +53,7 @@ class _FirstOrderPhase:
         self.zo_grads: List[Union[float, torch.Tensor]] = zo_grads  # per update call
         self.lrs = lrs  # per update call
         self.updated = bytearray(len(slot_info))  # per layout position
+        self.taken = bytearray(len(slot_info))  # per layout position: its gradient came through a hook
         # The queue, in arrival order; grouped by update call only when it is applied.
         self.pending_slots: List[int] = []
         self.pending_grads: List[torch.Tensor] = []
@@ -72,12 +74,25 @@ class _FirstOrderPhase:
     def take(self, param: torch.Tensor) -> None:
         """The hook's work: queue ``param``'s fresh gradient (once per step) and clear ``.grad``."""
         slot = self.slot_of.get(id(param))
-        if slot is None or self.updated[slot]:
+        if slot is None:
             return
         grad = param.grad
+        if self.updated[slot]:
+            if grad is not None and self.taken[slot]:
+                raise RuntimeError(
+                    f"Addax: parameter {slot} of the optimizer (shape {tuple(param.shape)}) received a second "
+                    "gradient in this step's backward after its update was applied. Autograd accumulates a "
+                    "parameter's gradient once per backward; two arrivals mean backward ran in pieces, as "
+                    "reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) does "
+                    "for a parameter used in two checkpointed segments, whose later piece also recomputes "
+                    "its forward with the updated parameter. Use use_reentrant=False, or "
+                    "Addax(fo_in_backward=False). This step is incomplete: parameters updated so far keep "
+                    "their update, the step counter did not advance.")
+            return
         if grad is None:
             return
         param.grad = None
+        self.taken[slot] = 1
         self.add(slot, grad)
 
     def add(self, slot: int, grad: torch.Tensor) -> None:
@@ -160,6 +175,12 @@ class _GradientHook:
             phase.take(param)
 
 
+def _remove_hooks(handles: Dict[int, torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
+
+
 class Addax(ZerothOrderOptimizer):
     """Hybrid ZO/FO SGD (SPEC §3).  One step with seed s = ``step_seed(steps_taken)``::
 
@@ -208,6 +229,9 @@ class Addax(ZerothOrderOptimizer):
         self._phase: Optional[_FirstOrderPhase] = None
         self._hook = _GradientHook()
         self._hook_handles: Dict[int, torch.utils.hooks.RemovableHandle] = {}
+        # The hooks go when the optimizer goes: optimizers rebuilt on one model (a search, a
+        # schedule of phases) would otherwise leave one inert hook each on every parameter.
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
         self._hooked_layout = None
         self._slot_info: Optional[Tuple[_Plan, list]] = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, alpha=alpha), num_directions=1,
