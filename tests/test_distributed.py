@@ -389,6 +389,20 @@ def scenario_addax_ddp(rank, world_size):
     return results
 
 
+def scenario_addax_ddp_rank_without_zo_batch(rank, world_size):
+    """A per-rank length split can leave a rank without a long example: that rank still takes
+    part in the estimate's reduction (with a zero estimate), or the collectives would pair up
+    wrongly and the job would fail."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    zo_batch = rank_rows(make_data(*ZO_BATCH), rank, world_size) if rank == 0 else None
+    fo_batch = rank_rows(make_data(*FO_BATCH), rank, world_size)
+    model = TinyNet()
+    ddp_model = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    optimizer = addax(model, grad_reduce=akd.all_reduce_mean(), fo_in_backward=False)
+    return train(optimizer, ddp_model, zo_batch, fo_batch, params_model=model)
+
+
 def simulated_failure():
     raise RuntimeError("simulated failure in the closure of rank 1")
 
@@ -437,6 +451,7 @@ HEALTHY_SCENARIOS = (
     scenario_mezo_fsdp2,
     scenario_addax_fsdp2,
     scenario_addax_ddp,
+    scenario_addax_ddp_rank_without_zo_batch,
 )
 
 
@@ -547,6 +562,18 @@ def test_ddp_addax_equals_one_process(healthy_run):
         assert "Addax.step" in value.pop("backward outside step")
         for variant, params in value.items():
             assert_params_match(params, expected)
+
+
+def test_ddp_addax_rank_without_zo_batch_joins_the_reduction(healthy_run):
+    """Equal to one process whose estimate is rank 0's, averaged with rank 1's zero; the
+    replicas stay bit-identical (rank 1 makes the same perturbation passes)."""
+    values = values_of(healthy_run["scenario_addax_ddp_rank_without_zo_batch"])
+    model = TinyNet()
+    optimizer = addax(model, grad_reduce=lambda g: g / WORLD_SIZE)
+    expected = train(optimizer, model, rank_rows(make_data(*ZO_BATCH), 0, WORLD_SIZE), make_data(*FO_BATCH))
+    for value in values.values():
+        assert_params_match(value, expected)
+    assert all(np.array_equal(a, b) for a, b in zip(values[0], values[1]))
 
 
 def test_crashed_rank_surfaces_a_clear_error_on_the_others():

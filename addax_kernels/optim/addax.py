@@ -198,7 +198,10 @@ class Addax(ZerothOrderOptimizer):
     A missing batch contributes a zero estimate, with α unchanged: without ``fo_closure`` the
     step is θ ← θ' − lr·(α·g0·z + wd·θ') (θ' the restored θ, restore and update fused in one
     pass); without ``zo_closure`` it is θ ← θ − lr·((1−α)·∇θ + wd·θ) on the parameters that get
-    a gradient (the others are left alone, as torch.optim.SGD leaves them).  With α = 1 in every
+    a gradient (the others are left alone, as torch.optim.SGD leaves them).  With ``grad_reduce``
+    (data parallel) a step without ``zo_closure`` still takes part in the reduction, with a zero
+    estimate and the same perturbation passes as the other ranks, and applies the reduced g0:
+    ranks whose length split leaves one without a long example stay identical.  With α = 1 in every
     group the FO closure is never called (the step is exactly MeZO's); with α = 0 the ZO
     closure is never called (the step is exactly SGD's).
 
@@ -263,13 +266,20 @@ class Addax(ZerothOrderOptimizer):
         alphas = [float(group["alpha"]) for group in self.param_groups]
         run_zo = zo_closure is not None and any(alpha > 0.0 for alpha in alphas)
         run_fo = fo_closure is not None and any(alpha < 1.0 for alpha in alphas)
+        # With grad_reduce (data parallel) every rank must take part in each step's reduction: a
+        # rank without a ZO batch contributes a zero estimate (a loss of 0 at both points) and
+        # makes the same perturbation passes as the others, so the replicas stay bit-identical.
+        join_reduce = zo_closure is None and self.grad_reduce is not None and any(alpha > 0.0 for alpha in alphas)
         self.zo_loss = self.fo_loss = self.projected_grads = None
-        if not (run_zo or run_fo):
+        if not (run_zo or run_fo or join_reduce):
             return None
 
         plan = self._current_plan()
         seeds = self._step_seeds(plan.device)
         estimate = None
+        if join_reduce:
+            zero = torch.zeros((), dtype=torch.float32, device=plan.device)
+            zo_closure, run_zo = (lambda: zero), True
         if run_zo:
             estimate = self._estimate(plan, seeds, zo_closure, "zo_closure")
             self._check_finite(plan, seeds, estimate, "zo_closure")
@@ -286,7 +296,7 @@ class Addax(ZerothOrderOptimizer):
         self._advance(estimate.finite if estimate is not None else None)
         if estimate is not None:
             self.projected_grads = estimate.projected
-            self.zo_loss = estimate.losses_plus[0]
+            self.zo_loss = None if join_reduce else estimate.losses_plus[0]
         self.fo_loss = fo_loss
         return self.fo_loss if self.fo_loss is not None else self.zo_loss
 
