@@ -65,7 +65,12 @@ def _select(batch: Mapping[str, Any], rows: torch.Tensor) -> Dict[str, Any]:
     return out
 
 
-def _trim(side: Dict[str, Any], width: int, token_mask: torch.Tensor) -> Dict[str, Any]:
+def _decoder_side(key: str, encoder_decoder: bool) -> bool:
+    """Whether ``key`` holds the decoder's sequence, whose columns the encoder's mask does not describe."""
+    return key.startswith("decoder_") or (encoder_decoder and key == "labels")
+
+
+def _trim(side: Dict[str, Any], width: int, token_mask: torch.Tensor, encoder_decoder: bool) -> Dict[str, Any]:
     """Drop the leading and trailing columns that are padding in every example of ``side``."""
     columns = token_mask.any(0).nonzero().flatten()
     if columns.numel() == 0:
@@ -74,7 +79,8 @@ def _trim(side: Dict[str, Any], width: int, token_mask: torch.Tensor) -> Dict[st
     if first == 0 and last == width:
         return side
     for key, value in side.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == width:
+        if (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == width
+                and not _decoder_side(key, encoder_decoder)):
             side[key] = value[:, first:last]
     return side
 
@@ -85,6 +91,7 @@ def split_by_length(
     *,
     trim_padding: bool = False,
     pad_token_id: Optional[int] = None,
+    encoder_decoder: bool = False,
 ) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
     """Split an HF-style batch into (zo_batch, fo_batch) by sequence length (Addax, §3).
 
@@ -97,7 +104,10 @@ def split_by_length(
     With ``trim_padding=True``, leading/trailing columns that are padding for every example of
     a side are removed from every tensor whose second dimension is the sequence length
     (input_ids, attention_mask, labels, token_type_ids, ...).  Only the edges are trimmed, so
-    left and right padding both work and positions inside the kept span never shift.
+    left and right padding both work and positions inside the kept span never shift.  The
+    decoder's tensors of an encoder–decoder batch are never trimmed (their length is not the
+    encoder's, even where the widths happen to agree): keys starting with ``decoder_`` always,
+    and ``labels`` with ``encoder_decoder=True`` (pass ``model.config.is_encoder_decoder``).
 
     Deciding the split reads the lengths on the host: pass a CPU batch (as a DataLoader yields
     it) to avoid a device sync.
@@ -108,8 +118,9 @@ def split_by_length(
         raise TypeError(f"threshold must be a finite number of tokens, got {threshold!r}")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if not isinstance(trim_padding, bool):
-        raise TypeError(f"trim_padding must be a bool, got {type(trim_padding).__name__}")
+    for name, flag in (("trim_padding", trim_padding), ("encoder_decoder", encoder_decoder)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     size, width = _batch_size_and_width(batch)
     if pad_token_id is not None and not is_integer(pad_token_id):
         raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
@@ -130,6 +141,7 @@ def split_by_length(
             continue
         side = _select(batch, rows)
         if trim_padding and token_mask is not None:
-            side = _trim(side, width, token_mask.index_select(0, rows.to(token_mask.device)).cpu())
+            side = _trim(side, width, token_mask.index_select(0, rows.to(token_mask.device)).cpu(),
+                         encoder_decoder)
         sides.append(side)
     return sides[0], sides[1]

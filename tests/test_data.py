@@ -80,6 +80,23 @@ def test_trim_padding_removes_only_columns_padded_in_every_example(left):
         assert torch.equal(side["attention_mask"].sum(-1), torch.tensor([lengths[r] for r in rows]))
 
 
+def test_trim_padding_leaves_the_decoder_side_of_an_encoder_decoder_batch():
+    """A seq2seq batch padded to one width on both sides: the encoder's columns are trimmed, the
+    decoder's labels and decoder_* tensors (their own lengths) keep every column."""
+    batch = padded_batch([3, 2, 6, 5], width=8)
+    generator = torch.Generator().manual_seed(3)
+    batch["labels"] = torch.randint(10, 90, (4, 8), generator=generator)
+    batch["decoder_attention_mask"] = torch.ones(4, 8, dtype=torch.long)
+    zo, fo = split_by_length(batch, threshold=4, trim_padding=True, encoder_decoder=True)
+    for side, rows, width in ((zo, [2, 3], 6), (fo, [0, 1], 3)):
+        assert torch.equal(side["input_ids"], batch["input_ids"][rows][:, :width])
+        assert torch.equal(side["labels"], batch["labels"][rows])
+        assert torch.equal(side["decoder_attention_mask"], batch["decoder_attention_mask"][rows])
+    # Decoder-only (the default): labels are the input's own columns and are trimmed with it.
+    zo, fo = split_by_length(batch, threshold=4, trim_padding=True)
+    assert fo["labels"].shape == (2, 3) and fo["decoder_attention_mask"].shape == (2, 8)
+
+
 def test_lengths_from_mask_pad_token_or_width():
     batch = padded_batch([4, 7, 2], pad_token_id=5)
     assert sequence_lengths(batch).tolist() == [4, 7, 2]
@@ -121,6 +138,7 @@ def test_sides_feed_a_model_forward():
         ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, float("nan"), {}, TypeError),
         ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, 2, {"trim_padding": 1}, TypeError),
         ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, 2, {"pad_token_id": 0.5}, TypeError),
+        ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, 2, {"encoder_decoder": 1}, TypeError),
     ],
 )
 def test_bad_inputs_are_rejected(batch, threshold, kwargs, error):

@@ -858,6 +858,25 @@ def test_trainer_addax_alpha_endpoints(tmp_path):
         assert not any(absent in entry for entry in step_logs)
 
 
+def test_trainer_tells_the_length_split_whether_the_model_is_encoder_decoder(tmp_path, monkeypatch):
+    """Trimming must leave an encoder-decoder model's labels (the decoder's sequence) whole."""
+    import addax_kernels.data as data
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("encoder_decoder"))
+        return split(*args, **kwargs)
+
+    split = data.split_by_length
+    monkeypatch.setattr(data, "split_by_length", spy)
+    for encoder_decoder in (False, True):
+        model = tiny_classifier()
+        model.config.is_encoder_decoder = encoder_decoder
+        make_trainer(tmp_path / str(encoder_decoder), "addax", model=model, max_steps=1).train()
+        assert seen[-1] is encoder_decoder
+
+
 @pytest.mark.parametrize("method", ["mezo", "addax"])
 def test_trainer_resume_is_bit_identical(tmp_path, method):
     straight = make_trainer(tmp_path / "straight", method, max_steps=6, save_strategy="steps", save_steps=3)

@@ -400,7 +400,9 @@ class ZOTrainer(Trainer):
             # Split before moving to the device: the split reads lengths on the host (no sync
             # when the loader yields CPU batches).  Trimming the padding columns a side does
             # not need also shortens the FO backward.
-            zo_batch, fo_batch = split_by_length(inputs, self.args.addax_length_threshold, trim_padding=True)
+            encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+            zo_batch, fo_batch = split_by_length(inputs, self.args.addax_length_threshold, trim_padding=True,
+                                                 encoder_decoder=encoder_decoder)
             zo_batch = None if zo_batch is None else self._prepare_inputs(zo_batch)
             fo_batch = None if fo_batch is None else self._prepare_inputs(fo_batch)
             optimizer.step(
