@@ -546,6 +546,27 @@ def test_addax_with_a_layer_shared_by_two_checkpointed_segments(use_reentrant, f
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("frozen, warns", [(0, False), (1, True), (4, False)])
+def test_a_mix_of_frozen_and_trainable_parameters_warns_once(frozen, warns):
+    """ZO optimizers update every parameter they get; a list mixing frozen and trainable ones
+    (model.parameters() of a PEFT model) is most likely a mistake.  All frozen (plain tensors)
+    or all trainable says nothing."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    for param in list(model.parameters())[:frozen]:
+        param.requires_grad_(False)
+    optimizer = MeZO(model.parameters(), lr=1e-3, backend="reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.step(lambda: model(torch.ones(2, 3)).sum())
+    messages = [str(w.message) for w in caught if "do not require grad" in str(w.message)]
+    assert len(messages) == (1 if warns else 0)
+    assert not messages or messages[0].startswith(f"{frozen} of the optimizer's 4 parameters")
+    assert all(w.filename == __file__ for w in caught if "do not require grad" in str(w.message))
+
+
 def test_addax_hooks_go_with_the_optimizer():
     """Optimizers rebuilt on one model leave no hooks behind, and a later plain backward keeps
     its gradients."""

@@ -179,6 +179,13 @@ class _Layout:
                 tensors.append(tensor)
                 offsets.append(offset)
                 group_of.append(group_index)
+        frozen = sum(not p.requires_grad for p in params)
+        if 0 < frozen < len(params):
+            warnings.warn(
+                f"{frozen} of the optimizer's {len(params)} parameters do not require grad. A ZO optimizer "
+                "perturbs and updates every parameter it is given (it needs no gradient); if these are "
+                "frozen (a PEFT base model, say), pass only the trainable ones: "
+                "[p for p in model.parameters() if p.requires_grad]", stacklevel=6)
         return cls(params, tensors, offsets, group_of, {id(p): i for i, p in enumerate(params)},
                    [i for i, p in enumerate(params) if is_dtensor(p)],
                    any(tensor.dtype != torch.float32 for tensor in tensors))
