@@ -22,6 +22,7 @@ from .plot import plot_throughput
 from .steps import MAX_POSITIONS, MODEL_PRESETS, step_tasks
 
 SECTIONS = ("kernels", "zo-bench", "host", "steps")
+MAX_LOG2_SIZE = 36  # 2^36 float32 elements are 256 GiB: beyond any one device
 DEFAULTS = {
     "cpu": dict(log2_sizes=[16, 18, 20, 22], dtypes=["fp32", "fp16", "bf16"], list_model="small", budget_ms=300,
                 compile=False, model_size="small", step_dtype="fp32", batch_size=4, seq_len=128),
@@ -70,7 +71,8 @@ def build_parser(prog: str = "python -m addax_kernels bench") -> argparse.Argume
     add("--no-plot", action="store_true")
     add("--no-progress", action="store_true")
     add("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
-        help="only rewrite the README's results block from bench/results/*/summary.md")
+        help="only rewrite the README's results block from the summary.md of every folder of "
+             "bench/results/ (beside the README) that holds this version's results.json")
     return parser
 
 
@@ -100,6 +102,17 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
             parser.error(f"--backends {name}: {availability[name]}")
     if not 2 <= cfg.seq_len <= MAX_POSITIONS:
         parser.error(f"--seq-len must be in [2, {MAX_POSITIONS}], got {cfg.seq_len}")
+    bounded = (("--log2-sizes", cfg.log2_sizes, 0, MAX_LOG2_SIZE), ("--threads", [cfg.threads], 1, None),
+               ("--batch-size", [cfg.batch_size], 1, None))
+    for flag, values, low, high in bounded:
+        for value in values:
+            if value is not None and (value < low or (high is not None and value > high)):
+                parser.error(f"{flag} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
+                             f"got {value}")
+    if not cfg.budget_ms > 0:
+        parser.error(f"--budget-ms must be > 0, got {cfg.budget_ms}")
+    if cfg.time_limit is not None and not cfg.time_limit >= 0:
+        parser.error(f"--time-limit must be >= 0, got {cfg.time_limit}")
     cfg.device, cfg.budget_s = device, cfg.budget_ms / 1e3
     cfg.step_dtype = DTYPES[cfg.step_dtype]
     cfg.list_model = None if cfg.list_model == "none" else cfg.list_model
@@ -127,7 +140,7 @@ def run(cfg: SimpleNamespace) -> dict:
         if bar is not tasks:
             bar.set_postfix_str(label)
         if cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit:
-            results["errors"].append({"task": label, "error": "skipped: --time-limit reached"})
+            results["errors"].append({"task": label, "error": SKIPPED_BY_TIME_LIMIT})
             continue
         try:
             task()
@@ -164,10 +177,18 @@ def _progress(tasks, enabled: bool):
     return tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=None if enabled else True)
 
 
+SKIPPED_BY_TIME_LIMIT = "skipped: --time-limit reached"
+
+
 def failures(results: dict) -> int:
-    """Failed tasks and measurements (graph rows excluded: an optimizer may not offer capture)."""
+    """Failed tasks and measurements (graph rows excluded: an optimizer may not offer capture;
+    tasks --time-limit skipped are not failures: the caller asked for a shorter run)."""
     records = results["kernels"] + results["zo_bench"] + ((results["host"] or {}).get("records") or [])
-    return len(results["errors"]) + sum("error" in r for r in records)
+    return sum(e["error"] != SKIPPED_BY_TIME_LIMIT for e in results["errors"]) + sum("error" in r for r in records)
+
+
+def skipped(results: dict) -> int:
+    return sum(e["error"] == SKIPPED_BY_TIME_LIMIT for e in results["errors"])
 
 
 def _interrupt(signum, frame):
@@ -179,15 +200,21 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kern
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.update_readme:
-        used = report.update_readme(args.update_readme, os.path.join(os.path.dirname(args.update_readme) or ".",
-                                                                     "bench", "results"))
-        print(f"{args.update_readme}: results block from {', '.join(used) or 'no results folder'}")
+        try:
+            used = report.update_readme(args.update_readme, os.path.join(
+                os.path.dirname(args.update_readme) or ".", "bench", "results"))
+        except (OSError, ValueError) as error:
+            parser.error(f"--update-readme: {error}")
+        print(f"{args.update_readme}: results block from {', '.join(used)}")
         return 0
     cfg = build_config(args, parser)
     cfg.argv = argv
     signal.signal(signal.SIGTERM, _interrupt)  # a time-boxed run (timeout) still writes its results
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at Kineto's first start: no line per CPU memory meter
-    failed = failures(run(cfg))
+    results = run(cfg)
+    failed = failures(results)
+    if skipped(results):
+        print(f"{skipped(results)} task(s) not started: --time-limit {cfg.time_limit:g} s reached", file=sys.stderr)
     if failed:
         print(f"{failed} measurement(s) failed: see the errors above and in results.json", file=sys.stderr)
     return 1 if failed else 0

@@ -312,23 +312,39 @@ def write_json(results: dict, path: str) -> None:
 
 
 def update_readme(readme: str, results_root: str) -> List[str]:
-    """Replace the README's generated block with every results folder's summary.md, as the tool
-    wrote it (GPUs first, each heading linked to its folder); returns the folders used."""
-    sections, used = [], []
-    for path in sorted(glob.glob(os.path.join(results_root, "*", "results.json")),  # benchmark folders only
-                       key=lambda p: (os.path.basename(os.path.dirname(p)).startswith("cpu-"), p)):
-        path = os.path.join(os.path.dirname(path), "summary.md")
-        folder = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(readme)))
-        with open(path) as handle:
-            heading, _, body = handle.read().partition("\n")
-        sections.append(f"{heading} ([{folder}/]({folder}/))\n{body.rstrip()}\n")
-        used.append(folder)
+    """Replace the README's generated block with the summary.md of every benchmark folder under
+    ``results_root`` (a folder whose results.json has this version's schema), as the tool wrote
+    it (GPUs first, each heading linked to its folder); returns the folders used.
+
+    Raises ValueError, with nothing written, when the README has no generated block, no folder
+    qualifies, or a qualifying folder has no summary.md; OSError when the README cannot be read.
+    """
     with open(readme) as handle:
         text = handle.read()
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"{readme} has no block between {README_BEGIN!r} and {README_END!r}")
-    body = "\n".join(sections) if sections else "No results are committed yet.\n"
+    sections, used = [], []
+    for path in sorted(glob.glob(os.path.join(results_root, "*", "results.json")),  # benchmark folders only
+                       key=lambda p: (os.path.basename(os.path.dirname(p)).startswith("cpu-"), p)):
+        try:
+            with open(path) as handle:
+                schema = json.load(handle).get("schema")
+        except (OSError, ValueError, AttributeError):
+            schema = None
+        if schema != SCHEMA:
+            continue  # an older run's folder, or not the benchmark's
+        path = os.path.join(os.path.dirname(path), "summary.md")
+        folder = os.path.relpath(os.path.dirname(path), os.path.dirname(os.path.abspath(readme)))
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder}/ has a results.json but no summary.md: rerun the benchmark there")
+        with open(path) as handle:
+            heading, _, body = handle.read().partition("\n")
+        sections.append(f"{heading} ([{folder}/]({folder}/))\n{body.rstrip()}\n")
+        used.append(folder)
+    if not sections:
+        raise ValueError(f"no benchmark results (results.json of schema {SCHEMA!r}) under {results_root}/")
+    body = "\n".join(sections)
     with open(readme, "w") as handle:
         handle.write(text[:begin + len(README_BEGIN)] + "\n\n" + body + "\n" + text[end:])
     return used
