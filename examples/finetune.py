@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent warming up linearly")
     parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
     parser.add_argument("--alpha", type=float, default=0.05, help="Addax weight of the ZO estimate")
-    parser.add_argument("--backend", default="auto", help="addax_kernels backend: auto, reference, triton, native")
+    parser.add_argument("--backend", default="auto", choices=addax_kernels.ops.BACKEND_CHOICES,
+                        help="addax_kernels backend (default: auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; models this small gain nothing from more, and a busy machine "

@@ -19,7 +19,7 @@ Each is taken three ways:
 
 The stubs exist for timing only; nothing is updated while they are installed.
 
-Importable (the benchmark calls :func:`measure`); as a script it prints one JSON object:
+Importable (:func:`measure` returns the figures as a dict); as a script it prints one JSON object:
 
     python scripts/optimizer_overhead.py [--backend reference] [--params 400] [--repeats 30]
 """
