@@ -29,8 +29,9 @@ DEFAULTS = {
     "cuda": dict(log2_sizes=[24, 25, 26, 27, 28], dtypes=["fp32", "bf16"], list_model="1.3b", budget_ms=100,
                  compile=True, model_size="1.3b", step_dtype="bf16", batch_size=16, seq_len=256),
 }
-QUICK = {  # --quick: a smoke run
-    "cpu": dict(log2_sizes=[14, 16], list_model="tiny", budget_ms=30, model_size="tiny", batch_size=2, seq_len=32),
+QUICK = {  # --quick: a smoke run (one CPU thread: spinning OpenMP threads on a busy machine slow it 10-50x)
+    "cpu": dict(log2_sizes=[14, 16], list_model="tiny", budget_ms=30, model_size="tiny", batch_size=2, seq_len=32,
+                threads=1),
     "cuda": dict(log2_sizes=[20, 24], list_model="125m", budget_ms=50, model_size="125m", batch_size=4, seq_len=128),
 }
 
