@@ -359,6 +359,7 @@ def test_time_limit_skips_and_still_writes(tmp_path, restore_torch_threads):
     (["--budget-ms", "0"], "--budget-ms must be > 0"),
     (["--time-limit", "-1"], "--time-limit must be >= 0"),
     (["--update-readme", "no/such/README.md"], "--update-readme: "),
+    (["--sections", "zo-bench", "--list-model", "none"], "nothing to measure"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -121,6 +121,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     return cfg
 
 
+class NothingToMeasure(ValueError):
+    """The arguments select no measurement."""
+
+
 def run(cfg: SimpleNamespace) -> dict:
     """Measure what ``cfg`` selects, write results.json, summary.md and throughput.png."""
     if cfg.threads is not None:
@@ -135,6 +139,11 @@ def run(cfg: SimpleNamespace) -> dict:
     tasks = kernel_tasks(cfg, results) if "kernels" in cfg.sections else []
     tasks += steps + (host_tasks(cfg, results) if "host" in cfg.sections else [])
     tasks += (zo_bench_tasks(cfg, results) if "zo-bench" in cfg.sections and cfg.list_model else []) + last
+    if not tasks:
+        raise NothingToMeasure(f"nothing to measure: --sections {' '.join(cfg.sections)} with --backends "
+                         f"{' '.join(cfg.backends)} and --list-model {cfg.list_model or 'none'} selects no "
+                         "measurement (the zo-bench section needs a list model; the host section skips the "
+                         "reference backend)")
     bar = _progress(tasks, enabled=not cfg.no_progress)
     start = time.monotonic()
     for label, task in bar:
@@ -212,7 +221,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kern
     cfg.argv = argv
     signal.signal(signal.SIGTERM, _interrupt)  # a time-boxed run (timeout) still writes its results
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at Kineto's first start: no line per CPU memory meter
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except NothingToMeasure as error:
+        parser.error(str(error))
     failed = failures(results)
     if skipped(results):
         print(f"{skipped(results)} task(s) not started: --time-limit {cfg.time_limit:g} s reached", file=sys.stderr)
