@@ -21,7 +21,7 @@ import addax_kernels as ak
 from addax_kernels import rng
 from conftest import HAS_CUDA, requires_cuda
 from known_answers import PHILOX_KAT
-from tolerance import assert_matches_reference
+from tolerance import assert_matches_reference, clones, on_backend_and_reference
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -54,16 +54,6 @@ def _randn(shape, dtype, generator, scale=0.02):
     return (torch.randn(shape, generator=generator) * scale).to(dtype).to(DEVICE)
 
 
-def _clone_all(tensors):
-    return [t.clone() for t in tensors]
-
-
-def _run_both(op, params, *args, **kwargs):
-    """Run ``op`` with the Triton backend and with the reference backend on copies."""
-    mine, reference = _clone_all(params), _clone_all(params)
-    op(mine, *args, backend="triton", **kwargs)
-    op(reference, *args, backend="reference", **kwargs)
-    return mine, reference
 
 
 # ----------------------------------------------------------------------------- availability
@@ -332,7 +322,7 @@ def test_misaligned_tensors_get_their_own_class(dtype, generator):
     prepared = launch.prepare(_group(params), params, [])
     modes = {launch_class.access: launch_class.members for launch_class in prepared.classes}
     assert modes == {K.ACCESS_VECTOR: (0,), K.ACCESS_ELEMENT: (2,), K.ACCESS_BYTES: (1,)}
-    reference = _clone_all(params)
+    reference = clones(params)
     ak.addax_update_(params, grads, HUGE_SEED, 2.0, 0.01, 0.5, rounding="stochastic", backend="triton")
     ak.addax_update_(reference, grads, HUGE_SEED, 2.0, 0.01, 0.5, rounding="stochastic", backend="reference")
     assert_matches_reference(params, reference, 0.01)
@@ -386,8 +376,30 @@ def test_steady_state_calls_upload_nothing(monkeypatch, generator):
     for seed in range(2):
         launch.run(prepared, group, job(seed, has_grad=True), params, grads, [])
     assert uploads == ["upload the gradients' addresses"]
-    launch.run(prepared, group, job(5, has_grad=True), params, _clone_all(grads), [])
+    launch.run(prepared, group, job(5, has_grad=True), params, clones(grads), [])
     assert len(uploads) == 2
+
+
+@requires_fused_pass
+def test_a_call_that_fails_before_its_last_group_launches_changes_nothing(monkeypatch, generator):
+    """A call over several dtype groups stages every group (uploads, compiles of new variants)
+    before launching any: a failure while staging the second group leaves the first unchanged."""
+    params = [_randn((300,), torch.float32, generator), _randn((200,), torch.bfloat16, generator)]
+    ak.perturb_(params, 3, 1e-2, backend="triton")  # the plan and launches exist
+    before = clones(params)
+    stage, staged = launch._stage, []
+
+    def failing_stage(prepared, group, *args):
+        if staged:
+            raise RuntimeError("simulated compile failure")
+        staged.append(group)
+        return stage(prepared, group, *args)
+
+    monkeypatch.setattr(launch, "_stage", failing_stage)
+    with pytest.raises(RuntimeError, match="simulated compile failure"):
+        ak.perturb_(params, 5, 1e-2, backend="triton")
+    assert len(staged) == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
 def test_capture_errors_say_what_to_do(monkeypatch):
@@ -511,13 +523,14 @@ def test_gpu_large_tensors_match_reference(dtype, rounding):
     shapes = [(1 << 22,), (4093, 1021), (1,), (65537,)]
     params = [_randn(shape, dtype, generator) for shape in shapes]
     grads = [_randn(shape, torch.bfloat16, generator, scale=1.0) for shape in shapes]
-    mine, reference = _run_both(ak.perturb_, params, HUGE_SEED, 1e-3, rounding=rounding)
+    (mine,), (reference,) = on_backend_and_reference(ak.perturb_, "triton", [params], HUGE_SEED, 1e-3,
+                                                     rounding=rounding)
     assert_matches_reference(mine, reference, 1e-3)
-    mine, reference = _run_both(ak.zo_update_, params, [1, 2], [0.5, 1.5], 0.01, restore=1e-3,
-                                weight_decay=0.1, rounding=rounding)
+    (mine,), (reference,) = on_backend_and_reference(ak.zo_update_, "triton", [params], [1, 2], [0.5, 1.5], 0.01,
+                                                     restore=1e-3, weight_decay=0.1, rounding=rounding)
     assert_matches_reference(mine, reference, 1e-3 + 0.02)
-    mine, reference = _run_both(lambda ps, *a, **k: ak.addax_update_(ps, grads, *a, **k), params, 3, 2.0, 0.01,
-                                0.5, rounding=rounding)
+    (mine,), (reference,) = on_backend_and_reference(ak.addax_update_, "triton", [params], grads, 3, 2.0, 0.01, 0.5,
+                                                     rounding=rounding)
     assert_matches_reference(mine, reference, 0.01)
 
 
@@ -590,7 +603,7 @@ def test_gpu_cuda_graph_replays_read_the_seeds_of_the_moment():
     with torch.cuda.stream(stream):  # warm up on these tensors: tables, kernels, occupancy
         _graph_step(params, seeds, scalars)
     torch.cuda.current_stream().wait_stream(stream)
-    eager = _clone_all(params)
+    eager = clones(params)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _graph_step(params, seeds, scalars)

@@ -61,7 +61,11 @@ A backend is a module with
   pass above, in place, on the device's current stream.  ``params`` (and ``grads``, and each
   list of ``states``) are the caller's whole lists: the group's tensors are at
   ``group.indices``.  Inputs are validated by ``addax_kernels.ops`` before the first group runs;
-  a backend raises only for conditions the ops layer cannot see (a CUDA launch failure).
+  a backend raises only for conditions the ops layer cannot see (a CUDA launch failure);
+* optionally ``run_groups(prepared_list, groups, job, params, grads, states) -> None``: every
+  group of one call, used instead of ``run`` per group when present, for a backend whose
+  failures can come before its launches (Triton compiles new kernel variants at first use):
+  it fails, if it fails, before any group is launched.
 """
 
 from __future__ import annotations

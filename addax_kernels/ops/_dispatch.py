@@ -57,8 +57,12 @@ def execute(plan: _plan.Plan, backend, job: FusedJob, params, grads, grad_key, g
     groups = plan.groups_for(grad_key, grad_dtypes)
     prepared = plan.prepared_for(name, module, grad_key, groups, params, states)
     with torch.no_grad():
-        for group, group_prepared in zip(groups, prepared):
-            module.run(group_prepared, group, job, params, grads, states)
+        run_groups = getattr(module, "run_groups", None)
+        if run_groups is not None and len(groups) > 1:
+            run_groups(prepared, groups, job, params, grads, states)
+        else:
+            for group, group_prepared in zip(groups, prepared):
+                module.run(group_prepared, group, job, params, grads, states)
     _plan.bump_versions(plan, params, states)
 
 

@@ -95,3 +95,10 @@ def run(prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> N
     from . import launch
 
     launch.run(prepared, group, job, params, grads, states)
+
+
+def run_groups(prepared_list, groups, job: FusedJob, params, grads, states) -> None:
+    """:func:`run` over every group of one call, compiling what is new before launching any."""
+    from . import launch
+
+    launch.run_groups(prepared_list, groups, job, params, grads, states)

@@ -415,6 +415,29 @@ def _host_seed_arguments(job: FusedJob) -> Tuple[int, int, int, int]:
 
 
 def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> None:
+    run_groups([prepared], [group], job, params, grads, states)
+
+
+def run_groups(prepared_groups: Sequence[Prepared], groups: Sequence[TensorGroup], job: FusedJob, params, grads,
+               states) -> None:
+    """Every group of one op call (one device): first each group's uploads and the compiles of
+    new kernel variants, then the launches, so that a failure of either (a compile error, an
+    upload refused during graph capture) leaves every tensor of the call unchanged."""
+    device = prepared_groups[0].device
+    guard = torch.cuda.device(device) if device.type == "cuda" and device.index != torch.cuda.current_device() \
+        else contextlib.nullcontext()
+    with guard:
+        staged = [_stage(prepared, group, job, params, grads, states)
+                  for prepared, group in zip(prepared_groups, groups)]
+        for calls in staged:
+            for launch, arguments in calls:
+                if launch.grid[0]:
+                    K.fused_pass_kernel[launch.grid](*arguments, num_warps=launch.warps, num_stages=1,
+                                                     **launch.constexprs)
+
+
+def _stage(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, states) -> list:
+    """``(launch, arguments)`` of each launch of ``group``, every new variant compiled and sized."""
     device = prepared.device
     directions = job.num_directions
     # Seeds and scalars: device tensors are read by the kernel; host values are arguments, and
@@ -438,44 +461,39 @@ def run(prepared: Prepared, group: TensorGroup, job: FusedJob, params, grads, st
                                      "upload the coefficients of several directions (pass 0-dim device tensors)")
     grad_classes = _grad_classes(prepared, group, grads, job.grad_addresses) if job.has_grad else None
     launches = _launches(prepared, group, job, grad_classes.accesses if grad_classes is not None else None)
-    guard = torch.cuda.device(device) if device.type == "cuda" and device.index != torch.cuda.current_device() \
-        else contextlib.nullcontext()
-    with guard:
-        calls = []
-        for number, launch in enumerate(launches):
-            launch_class = launch.launch_class
+    calls = []
+    for number, launch in enumerate(launches):
+        launch_class = launch.launch_class
+        if K.INTERPRETED:
+            # The interpreter reads tensors, not addresses: the class's first tensors, viewed.
+            first = launch_class.members[0]
+            param_base = _view(params[first], launch.param_pointer.dtype)
+            state_pointers = [_view(buffers[first], pointer.dtype)
+                              for pointer, buffers in zip(launch.state_pointers, states)]
+        else:
+            param_base, state_pointers = launch.param_pointer, list(launch.state_pointers)
+        state_pointers += [param_base] * (2 - len(state_pointers))
+        if grad_classes is not None:
+            grad_table = grad_classes.tables[number]
+            access = grad_classes.accesses[number]
             if K.INTERPRETED:
-                # The interpreter reads tensors, not addresses: the class's first tensors, viewed.
-                first = launch_class.members[0]
-                param_base = _view(params[first], launch.param_pointer.dtype)
-                state_pointers = [_view(buffers[first], pointer.dtype)
-                                  for pointer, buffers in zip(launch.state_pointers, states)]
+                grad_base = _view(grads[grad_classes.firsts[number]], _pointer_dtype(group.grad_dtype, access))
             else:
-                param_base, state_pointers = launch.param_pointer, list(launch.state_pointers)
-            state_pointers += [param_base] * (2 - len(state_pointers))
-            if grad_classes is not None:
-                grad_table = grad_classes.tables[number]
-                access = grad_classes.accesses[number]
-                if K.INTERPRETED:
-                    grad_base = _view(grads[grad_classes.firsts[number]], _pointer_dtype(group.grad_dtype, access))
-                else:
-                    grad_base = _Pointer(grad_classes.bases[number], _pointer_dtype(group.grad_dtype, access))
-            else:
-                grad_table, grad_base = launch_class.table, param_base
-            calls.append((launch, [
-                launch_class.table, grad_table, param_base, grad_base, state_pointers[0], state_pointers[1],
-                seeds_tensor if seeds_tensor is not None else launch_class.table,
-                scalars_tensor if scalars_tensor is not None else launch_class.table,
-                launch_class.num_full_rows, launch_class.search_steps, launch_class.num_full_tiles,
-                launch.tiles_per_program, launch_class.num_edges, *seed_arguments, job.sparsity_threshold,
-                directions, *scalar_arguments,
-            ]))
-        for launch, arguments in calls:
-            if not launch.sized:
-                _size(prepared, launch, arguments)
-        for launch, arguments in calls:
-            if launch.grid[0]:
-                K.fused_pass_kernel[launch.grid](*arguments, num_warps=launch.warps, num_stages=1, **launch.constexprs)
+                grad_base = _Pointer(grad_classes.bases[number], _pointer_dtype(group.grad_dtype, access))
+        else:
+            grad_table, grad_base = launch_class.table, param_base
+        calls.append((launch, [
+            launch_class.table, grad_table, param_base, grad_base, state_pointers[0], state_pointers[1],
+            seeds_tensor if seeds_tensor is not None else launch_class.table,
+            scalars_tensor if scalars_tensor is not None else launch_class.table,
+            launch_class.num_full_rows, launch_class.search_steps, launch_class.num_full_tiles,
+            launch.tiles_per_program, launch_class.num_edges, *seed_arguments, job.sparsity_threshold,
+            directions, *scalar_arguments,
+        ]))
+    for launch, arguments in calls:
+        if not launch.sized:
+            _size(prepared, launch, arguments)
+    return calls
 
 
 def _size(prepared: Prepared, launch: _Launch, arguments: list) -> None:
