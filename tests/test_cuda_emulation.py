@@ -92,7 +92,10 @@ def test_shards_across_chunk_boundaries_equal_the_whole_tensor(noise):
     assert torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
 
 
-# Values at the edges of each 16-bit format, and a shift that carries them past the edge.
+# Values at the edges of each 16-bit format, and shifts that carry them past the edge.  FLT_MAX
+# (below, on zeros): float32 results within a few ulps of the largest float, where the fp16
+# stochastic fast path's carry once overflowed into inf/NaN patterns.
+FLT_MAX = 3.4028234663852886e38
 _EDGES = {
     torch.bfloat16: ([float("inf"), float("-inf"), float("nan"), 3.3895313892515355e38, -3.3895313892515355e38,
                       1e-40, -1e-40, 0.0, -0.0, 1.0], (1e36, 1e-40)),
@@ -109,8 +112,10 @@ def test_edge_values_round_like_the_reference(dtype, rounding):
     Rademacher noise every element is one exact float32 addition, so the results are
     bit-identical to the reference's, NaNs aside (any NaN pattern is a NaN)."""
     values, scales = _EDGES[dtype]
-    param = torch.tensor(values * 1000, dtype=torch.float32).to(dtype)  # vector path and ragged tail
-    for scale in scales:
+    mixed = torch.tensor(values * 1000, dtype=torch.float32).to(dtype)  # vector path and ragged tail
+    # Zeros: no lane of a vector is special, so the fast rounding path sees results near FLT_MAX.
+    zeros = torch.zeros(4099, dtype=dtype)
+    for param, scale in [(mixed, scale) for scale in scales] + [(zeros, FLT_MAX), (zeros, 3.40282e38)]:
         got, expected = _emulated_and_reference(
             lambda p, backend: ak.perturb_(p, 12, scale, noise="rademacher", rounding=rounding, backend=backend),
             [param])

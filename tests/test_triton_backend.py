@@ -11,6 +11,7 @@ metadata tables, what run() uploads, capture errors, and an offline sm_90/sm_80 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -400,6 +401,43 @@ def test_a_call_that_fails_before_its_last_group_launches_changes_nothing(monkey
         ak.perturb_(params, 5, 1e-2, backend="triton")
     assert len(staged) == 1
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+_GUARD_PAGE_SCRIPT = """
+import ctypes, mmap, sys, torch
+from addax_kernels.backends import FusedJob, Scalars, Seeds, TensorGroup, SCALAR_FIRST_COEFF, load
+
+page = mmap.PAGESIZE
+memory = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(address + page), page, 0) == 0
+floats = torch.frombuffer(memory, dtype=torch.float32, count=page // 4)
+scalars = floats[page // 4 - SCALAR_FIRST_COEFF:]  # a perturb_'s vector: no coefficient slot
+scalars.zero_()
+scalars[0] = 0.5
+param = torch.zeros(1000)
+group = TensorGroup(indices=(0,), device=param.device, param_dtype=torch.float32, grad_dtype=None,
+                    state_dtype=None, numels=(1000,), tids=(0,), offsets=(0,), weight_decay=(0.0,))
+job = FusedJob(seeds=Seeds(tensor=torch.tensor([123, 123])), scalars=Scalars(tensor=scalars), has_shift=True,
+               num_directions=0, has_grad=False)
+backend = load("triton")
+backend.run(backend.prepare(group, [param], []), group, job, [param], None, [])
+print("max", float(param.abs().max()))
+"""
+
+
+@requires_cpu_interpreter
+@requires_fused_pass
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through libc")
+def test_a_pass_without_directions_reads_no_coefficient_slot():
+    """With device scalars, a perturb_ passes the scalar vector without its coefficient slot: the
+    kernel must not read past it (here the next page is unreadable, so a read would crash)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert float(done.stdout.split()[-1]) > 0.0
 
 
 def test_capture_errors_say_what_to_do(monkeypatch):

@@ -125,9 +125,11 @@ __device__ __noinline__ uint32_t stochastic_bf16_exact(float x, uint32_t word) {
 // (w >> 8) 2^-24 < fraction, the fraction being the 13 float32 mantissa bits below fp16's.  In
 // integers: up iff f13 > (w >> 8) >> 11, i.e. iff f13 + (0x1FFF - (w >> 19)) carries into bit
 // 13; the truncating conversion then keeps the carry.  Truncation also saturates at 65504, as
-// the rule does.  `special` collects fp16-subnormal magnitudes, inf and NaN.
+// the rule does.  `special` collects fp16-subnormal magnitudes and those of 2^16 and more (inf,
+// NaN, and finite values within 0x1FFF ulps of FLT_MAX, which the carry would turn into inf or
+// a NaN pattern; all saturate or pass through in the exact rule).
 __device__ __forceinline__ uint32_t stochastic_fp16_fast(float x, uint32_t word, bool& special) {
-  special |= !(fabsf(x) >= 6.103515625e-05f && fabsf(x) < __int_as_float(0x7F800000));
+  special |= !(fabsf(x) >= 6.103515625e-05f && fabsf(x) < 65536.0f);
   return __float_as_uint(x) + ((~word) >> 19);
 }
 

@@ -643,7 +643,11 @@ def fused_pass_kernel(
         slot5 = tl.load(scalars_ptr + _K_ADAM_W2)
         slot6 = tl.load(scalars_ptr + _K_ADAM_BC2_SQRT)
         slot7 = tl.load(scalars_ptr + _K_ADAM_EPS)
-        coeff0 = tl.load(scalars_ptr + _K_FIRST_COEFF)
+        # A pass without directions has no coefficient slot: the vector ends before it.
+        if DIRECTIONS > 0:
+            coeff0 = tl.load(scalars_ptr + _K_FIRST_COEFF)
+        else:
+            coeff0 = shift * 0.0
     # Coefficients of z times the noise kind's constant factor (see _tile_noise); linear_s
     # is the one coefficient of a LINEAR pass (see _tile).
     noise_scale = _noise_scale(NOISE)
