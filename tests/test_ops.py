@@ -698,6 +698,26 @@ def test_changed_arguments_between_calls_change_the_result(generator, backend):
     assert not torch.equal(c[1], b[1])
 
 
+def test_a_plan_used_during_graph_capture_outlives_the_cache(generator, monkeypatch):
+    """A captured graph reads its plan's device tables at every replay: such a plan must survive
+    the cache's eviction (other parameter lists used after capture)."""
+    from addax_kernels.ops import _plan
+
+    params = make_params(generator)
+    ak.perturb_(params, 1, 0.1, backend="reference")
+    plan = _plan.plan_for(params, [], (), None, None, 0.0, None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    _plan.keep_if_captured(plan)  # a CPU plan: no graph can replay it
+    assert id(plan) not in _plan._CAPTURED
+    monkeypatch.setattr(plan, "device", torch.device("cuda"), raising=False)
+    try:
+        _plan.keep_if_captured(plan)
+        _plan.CACHE.clear()
+        assert _plan._CAPTURED[id(plan)] is plan
+    finally:
+        _plan._CAPTURED.pop(id(plan), None)
+
+
 def test_a_cached_plan_keeps_no_tensor_alive(generator):
     model = torch.nn.Linear(16, 16)
     ak.perturb_(list(model.parameters()), 1, 0.1, backend="reference")

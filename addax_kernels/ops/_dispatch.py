@@ -56,6 +56,7 @@ def execute(plan: _plan.Plan, backend, job: FusedJob, params, grads, grad_key, g
         raise RuntimeError(plan.inference_error)
     groups = plan.groups_for(grad_key, grad_dtypes)
     prepared = plan.prepared_for(name, module, grad_key, groups, params, states)
+    _plan.keep_if_captured(plan)
     with torch.no_grad():
         run_groups = getattr(module, "run_groups", None)
         if run_groups is not None and len(groups) > 1:

@@ -354,6 +354,17 @@ class _PlanCache:
 
 CACHE = _PlanCache(CACHE_SIZE)
 
+# Plans used while a CUDA graph was being captured: the graph's kernels read their device tables
+# (and the native groups' device memory) at every replay, so these plans stay for the process's
+# lifetime, whatever the cache evicts.
+_CAPTURED: Dict[int, Plan] = {}
+
+
+def keep_if_captured(plan: Plan) -> None:
+    """Keep ``plan`` (and the tables its backends prepared) alive if this call is being captured."""
+    if plan.device.type == "cuda" and id(plan) not in _CAPTURED and torch.cuda.is_current_stream_capturing():
+        _CAPTURED[id(plan)] = plan
+
 
 def plan_for(params: List[torch.Tensor], states: Sequence[List[torch.Tensor]], state_names: Sequence[str],
              tids, offsets, weight_decay, decay_mask) -> Plan:
