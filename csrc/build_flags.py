@@ -26,9 +26,13 @@ TILE_ISA_FLAGS = {
     "baseline": [],
 }
 
-# nvcc contracts a * b + c into FMA (its default): SPEC §4 lets the GPU updates differ from the
-# float32 reference by a few ulps, and the kernels' instruction budget needs the fused ops.
-NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
+# nvcc contracts a * b + c into FMA in device code (its default): SPEC §4 lets the GPU updates
+# differ from the float32 reference by a few ulps, and the kernels' instruction budget needs the
+# fused ops.  The host compiler must not contract: the coefficients computed on the host
+# (make_coefficients) must equal, bit for bit, those the kernels compute with __fmul_rn/__fadd_rn
+# (GCC contracts by default where the target has FMA, e.g. aarch64).
+NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+              "-Xcompiler", "-ffp-contract=off"]
 
 # nvcc targets: sm_XX[a] = machine code, compute_XX = PTX the driver compiles for newer GPUs.
 DEFAULT_CUDA_ARCHS = "sm_80;sm_90a;compute_90"
