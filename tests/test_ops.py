@@ -842,6 +842,28 @@ def test_ops_trace_under_torch_compile_and_equal_eager(generator, backend):
     assert all(all_equal(a, b) for a, b in zip(eager_states, compiled_states))
 
 
+def test_compiled_ops_update_the_callers_tensors_without_copies(generator, monkeypatch):
+    """Under torch.compile's default backend the recorded op runs on the caller's parameters and
+    state buffers themselves: functionalization must not turn the in-place pass into copies
+    (a copy of every parameter would undo the package's memory claim)."""
+    from addax_kernels.ops import _compiled
+
+    params = make_params(generator)
+    buffers = [torch.zeros_like(p) for p in params]
+    seen = []
+    original = _compiled._EAGER["zo_momentum_update_"]
+
+    def spy(params_, grads, states, *rest):
+        seen.append(([p.data_ptr() for p in params_], [b.data_ptr() for b in states[0]]))
+        return original(params_, grads, states, *rest)
+
+    monkeypatch.setitem(_compiled._EAGER, "zo_momentum_update_", spy)
+    torch._dynamo.reset()
+    torch.compile(lambda ps, bs: ak.zo_momentum_update_(ps, bs, 3, 0.5, 0.01, 0.9, backend="reference"),
+                  fullgraph=True)(params, buffers)
+    assert seen == [([p.data_ptr() for p in params], [b.data_ptr() for b in buffers])]
+
+
 def test_changing_python_floats_and_seeds_under_compile_neither_fail_nor_recompile_per_value(generator, backend):
     """Issue 14 item 4: an lr schedule with Python floats under torch.compile(fullgraph=True)."""
     from torch._dynamo.utils import counters
