@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import addax_kernels as ak
+from tolerance import clones
 from addax_kernels import backends, ops, rng
 from addax_kernels.backends import reference
 from addax_kernels.ops import _plan
@@ -77,10 +78,6 @@ def assert_close_to_formula(got, expected64, scale):
     tolerance = 8 * EPS32 * scale + storage_ulp * expected64.abs()
     error = (got.double() - expected64).abs()
     assert bool((error <= tolerance).all()), f"max error {float(error.max()):.3g}"
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
 
 
 def all_equal(a, b):

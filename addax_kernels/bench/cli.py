@@ -140,10 +140,10 @@ def run(cfg: SimpleNamespace) -> dict:
     tasks += steps + (host_tasks(cfg, results) if "host" in cfg.sections else [])
     tasks += (zo_bench_tasks(cfg, results) if "zo-bench" in cfg.sections and cfg.list_model else []) + last
     if not tasks:
-        raise NothingToMeasure(f"nothing to measure: --sections {' '.join(cfg.sections)} with --backends "
-                         f"{' '.join(cfg.backends)} and --list-model {cfg.list_model or 'none'} selects no "
-                         "measurement (the zo-bench section needs a list model; the host section skips the "
-                         "reference backend)")
+        raise NothingToMeasure(
+            f"nothing to measure: --sections {' '.join(cfg.sections)} with --backends {' '.join(cfg.backends)} "
+            f"and --list-model {cfg.list_model or 'none'} selects no measurement (the zo-bench section needs a "
+            "list model; the host section skips the reference backend)")
     bar = _progress(tasks, enabled=not cfg.no_progress)
     start = time.monotonic()
     for label, task in bar:
@@ -225,9 +225,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m addax_kern
         results = run(cfg)
     except NothingToMeasure as error:
         parser.error(str(error))
-    failed = failures(results)
-    if skipped(results):
-        print(f"{skipped(results)} task(s) not started: --time-limit {cfg.time_limit:g} s reached", file=sys.stderr)
+    failed, not_started = failures(results), skipped(results)
+    if not_started:
+        print(f"{not_started} task(s) not started: --time-limit {cfg.time_limit:g} s reached", file=sys.stderr)
     if failed:
         print(f"{failed} measurement(s) failed: see the errors above and in results.json", file=sys.stderr)
     return 1 if failed else 0

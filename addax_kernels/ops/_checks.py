@@ -71,8 +71,8 @@ def check_scalar(value, name: str, device: torch.device) -> Union[float, torch.T
 def check_unit_interval(value, name: str, open_right: bool = False) -> float:
     """``value`` in [0, 1] (or [0, 1)) as given, then rounded to float32 (0.99999999 is in
     [0, 1) although float32 rounds it to 1, as torch.optim.Adam accepts it)."""
-    rounded = finite_float32(value, name)
     exact = as_real(value, name)
+    rounded = finite_float32(exact, name)
     if not (0.0 <= exact < 1.0 if open_right else 0.0 <= exact <= 1.0):
         raise ValueError(f"{name} must be in [0, 1{')' if open_right else ']'}, got {value}")
     return rounded

@@ -115,10 +115,10 @@ def _check_storage(tensor: torch.Tensor, name: str, index: int, dtypes) -> None:
         if tensor.untyped_storage().nbytes() < spanned:
             raise ValueError(f"{describe(tensor, name, index)}: its storage holds fewer bytes than the tensor spans "
                              "(freed or resized under it)")
-    if spanned and tensor.data_ptr() == 0:
-        raise ValueError(f"{describe(tensor, name, index)}: a {type(tensor).__name__} has no memory of its own "
-                         "(a wrapper tensor subclass, as DTensor is); pass its local tensor and element offset "
-                         "(addax_kernels.sharding.local_shard gives both for a DTensor)")
+        if tensor.data_ptr() == 0:
+            raise ValueError(f"{describe(tensor, name, index)}: a {type(tensor).__name__} has no memory of its own "
+                             "(a wrapper tensor subclass, as DTensor is); pass its local tensor and element offset "
+                             "(addax_kernels.sharding.local_shard gives both for a DTensor)")
 
 
 def check_params(params: List[torch.Tensor]) -> torch.device:
