@@ -92,6 +92,62 @@ def test_shards_across_chunk_boundaries_equal_the_whole_tensor(noise):
     assert torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
 
 
+# The general kernel (sparsity, several directions, optimizer state): whole 16-byte parameter
+# units in its vector loop, everything else (ragged ends, tensors whose global index and address
+# disagree modulo 16 bytes) element by element.
+_GENERAL_OPS = {
+    "sparse-perturb": lambda p, backend, **k: ak.perturb_(p, 2**63 + 5, 1e-2, sparsity=0.4, rounding="stochastic",
+                                                          backend=backend, **k),
+    "two-directions": lambda p, backend, **k: ak.zo_update_(p, [11, 12], [0.5, -0.25], 1e-2, restore=1e-3,
+                                                            weight_decay=0.1, rounding="stochastic", backend=backend,
+                                                            **k),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("op", sorted(_GENERAL_OPS))
+def test_general_kernel_over_several_chunks(dtype, noise, op):
+    params = _params(SIZES, dtype, seed=10)
+    got, expected = _emulated_and_reference(
+        lambda p, backend: _GENERAL_OPS[op](p, backend, offsets=OFFSETS, noise=noise), params)
+    assert_matches_reference(got, expected, 1e-2 + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("noise", NOISES)
+def test_general_kernel_state_over_several_chunks(dtype, state_dtype, noise):
+    params = _params(SIZES, dtype, seed=11)
+    buffers = [(0.1 * p.float()).to(state_dtype) for p in _params(SIZES, torch.float32, seed=12, scale=1.0)]
+    squares = [(b.float() ** 2).to(state_dtype) for b in buffers]
+    (got_p, got_b), (want_p, want_b) = on_backend_and_reference(
+        ak.zo_momentum_update_, "native", [params, buffers], [21, 22], [0.5, -1.0], 1e-2, 0.9, restore=1e-3,
+        weight_decay=0.05, sparsity=0.3, noise=noise, rounding="stochastic", offsets=OFFSETS)
+    assert_matches_reference(got_p, want_p, 1e-3 + 1.5e-2)
+    assert_matches_reference(got_b, want_b, 1.5, names="momentum_buffers")
+    got, want = on_backend_and_reference(
+        ak.zo_adam_update_, "native", [params, buffers, squares], [23], [0.75], 1e-3, 3, betas=(0.8, 0.9), eps=1e-2,
+        noise=noise, rounding="stochastic", offsets=OFFSETS)
+    assert_matches_reference(got[0], want[0], 1e-3 * 0.2 * 0.75 / 1e-2 / (1 - 0.8**3))
+    assert_matches_reference(got[1], want[1], 0.2 * 0.75, names="exp_avgs")
+    assert_matches_reference(got[2], want[2], 0.1 * 2 * 0.75 * 0.75 * 6, names="exp_avg_sqs")
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("op", sorted(_GENERAL_OPS))
+def test_general_kernel_shards_equal_the_whole_tensor(noise, op):
+    """Shards cut at odd offsets take the element-by-element path where the whole tensor takes
+    the vector loop: each element's result must not depend on the path."""
+    whole = _params((2 * CHUNK + 11,), torch.bfloat16, seed=13)[0]
+    cuts = (0, 3, CHUNK - 1, CHUNK + 8, 2 * CHUNK + 11)
+    shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    assert emulation_backend.active()
+    _GENERAL_OPS[op]([whole], "native", tids=[4], noise=noise)
+    _GENERAL_OPS[op](shards, "native", tids=[4] * len(shards), offsets=list(cuts[:-1]), noise=noise)
+    assert torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
+
+
 # Values at the edges of each 16-bit format, and shifts that carry them past the edge.  FLT_MAX
 # (below, on zeros): float32 results within a few ulps of the largest float, where the fp16
 # stochastic fast path's carry once overflowed into inf/NaN patterns.

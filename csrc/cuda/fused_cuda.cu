@@ -207,6 +207,9 @@ struct LaunchContext {
   const PhiloxKey& noise_key;     // seeds[0]
   const PhiloxKey& rounding_key;  // the rounding seed
   const Coefficients& c;
+  // The general kernel's stochastic rounding of bf16 state buffers: the rounding seed xor the
+  // group's state keys (built once per thread, not per element); null in the other kernels.
+  const PhiloxKey* state_rounding_keys = nullptr;
 };
 
 // ----------------------------------------------------------------------------- element access
@@ -514,6 +517,21 @@ struct GeneralFlags {
   StateKind state;
 };
 
+// The general kernel's configuration: its flags, direction count and whether it masks.  The
+// offline SASS report (addax_kernels/sass/native_backend.py) compiles the kernel once per
+// configuration it counts with ADDAX_SASS_PIN_FLAGS, ADDAX_SASS_PIN_DIRECTIONS and
+// ADDAX_SASS_PIN_SPARSE defined, so that the loop it counts is that configuration's path (the
+// uniform tests of the runtime values left out); a build never defines them.
+#if defined(ADDAX_SASS_PIN_FLAGS)
+__device__ __forceinline__ uint32_t general_flag_bits(const LaunchArgs&) { return ADDAX_SASS_PIN_FLAGS; }
+__device__ __forceinline__ int general_directions(const LaunchArgs&) { return ADDAX_SASS_PIN_DIRECTIONS; }
+__device__ __forceinline__ bool general_sparse(const LaunchArgs&) { return ADDAX_SASS_PIN_SPARSE; }
+#else
+__device__ __forceinline__ uint32_t general_flag_bits(const LaunchArgs& a) { return a.flags; }
+__device__ __forceinline__ int general_directions(const LaunchArgs& a) { return a.num_directions; }
+__device__ __forceinline__ bool general_sparse(const LaunchArgs& a) { return a.sparsity_threshold != 0; }
+#endif
+
 __device__ __forceinline__ GeneralFlags general_flags(uint32_t flags) {
   GeneralFlags f;
   f.shift = flags & kFlagShift;
@@ -525,19 +543,18 @@ __device__ __forceinline__ GeneralFlags general_flags(uint32_t flags) {
   return f;
 }
 
-// z of direction k for 4 elements starting at g (a multiple of 4), with its sparsity mask.
+// Rademacher signs of the 4 elements at g (a multiple of 4): 4 bits of their 128-element block's words.
+__device__ __forceinline__ uint32_t rademacher_signs(const uint4& words, uint64_t g) {
+  const uint32_t index = static_cast<uint32_t>(g & 127u);
+  return (word_at(Words{words.x, words.y, words.z, words.w}, index >> 5) >> (index & 31u)) & 0xFu;
+}
+
+// The sparsity mask of the 4 elements at g (a multiple of 4) under `key`: drops elements of z.
 template <bool kGaussian>
-__device__ __forceinline__ void general_noise(const LaunchArgs& a, const PhiloxKey& key, uint64_t g, uint32_t tid,
-                                              UnitNoise<4>& z) {
-  if constexpr (kGaussian) {
-    gaussian_unit<4>(static_cast<uint32_t>(g >> 2), static_cast<uint32_t>(g >> 34), tid, key, z);
-  } else {
-    const uint4 words = philox(g >> 7, tid, kPurposeNoise, key);
-    const uint32_t index = static_cast<uint32_t>(g & 127u);
-    z.signs = (word_at(Words{words.x, words.y, words.z, words.w}, index >> 5) >> (index & 31u)) & 0xFu;
-  }
+__device__ __forceinline__ void general_mask(const LaunchArgs& a, const PhiloxKey& key, uint64_t g, uint32_t tid,
+                                             UnitNoise<4>& z) {
   z.dropped = 0;
-  if (a.sparsity_threshold != 0) {
+  if (general_sparse(a)) {
     const uint4 mask = philox(g >> 2, tid, kPurposeMask, key);
     const uint32_t mask_words[4] = {mask.x, mask.y, mask.z, mask.w};
 #pragma unroll
@@ -548,6 +565,18 @@ __device__ __forceinline__ void general_noise(const LaunchArgs& a, const PhiloxK
       }
     }
   }
+}
+
+// z of direction k for 4 elements starting at g (a multiple of 4), with its sparsity mask.
+template <bool kGaussian>
+__device__ __forceinline__ void general_noise(const LaunchArgs& a, const PhiloxKey& key, uint64_t g, uint32_t tid,
+                                              UnitNoise<4>& z) {
+  if constexpr (kGaussian) {
+    gaussian_unit<4>(static_cast<uint32_t>(g >> 2), static_cast<uint32_t>(g >> 34), tid, key, z);
+  } else {
+    z.signs = rademacher_signs(philox(g >> 7, tid, kPurposeNoise, key), g);
+  }
+  general_mask<kGaussian>(a, key, g, tid, z);
 }
 
 template <bool kStochastic>
@@ -572,7 +601,7 @@ __device__ __forceinline__ void general_update(const typename K::Args& a, const 
   }
   if (f.update) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const int directions = K::O == Op::kGeneral ? a.num_directions : 1;
+    const int directions = K::O == Op::kGeneral ? general_directions(a) : 1;
     for (int k = 0; k < directions; ++k) {
       const float scale = kGaussian ? kGaussianScale : 1.0f;
       if (k == 0) {
@@ -604,11 +633,10 @@ __device__ __forceinline__ void general_update(const typename K::Args& a, const 
       const StorageType state_type = f.state_bf16 ? StorageType::kBFloat16 : StorageType::kFloat32;
       uint32_t words0[4] = {0, 0, 0, 0}, words1[4] = {0, 0, 0, 0};
       if (K::kStochastic && f.state_bf16) {
-        const uint64_t rounding = seed_at(a, (a.num_directions > 0 ? a.num_directions : 1));
-        const uint4 w0 = philox(g >> 2, C.tid, kPurposeRounding, philox_key(rounding ^ a.state_keys[0]));
+        const uint4 w0 = philox(g >> 2, C.tid, kPurposeRounding, L.state_rounding_keys[0]);
         words0[0] = w0.x, words0[1] = w0.y, words0[2] = w0.z, words0[3] = w0.w;
         if (f.state == StateKind::kAdam) {
-          const uint4 w1 = philox(g >> 2, C.tid, kPurposeRounding, philox_key(rounding ^ a.state_keys[1]));
+          const uint4 w1 = philox(g >> 2, C.tid, kPurposeRounding, L.state_rounding_keys[1]);
           words1[0] = w1.x, words1[1] = w1.y, words1[2] = w1.z, words1[3] = w1.w;
         }
       }
@@ -675,9 +703,7 @@ __device__ __forceinline__ void masked_block(const typename K::Args& a, const La
   } else if constexpr (kGaussian) {
     gaussian_unit<4>(static_cast<uint32_t>(g >> 2), static_cast<uint32_t>(g >> 34), C.tid, L.noise_key, z0);
   } else {
-    const uint4 words = philox(g >> 7, C.tid, kPurposeNoise, L.noise_key);
-    const uint32_t index = static_cast<uint32_t>(g & 127u);
-    z0.signs = (word_at(Words{words.x, words.y, words.z, words.w}, index >> 5) >> (index & 31u)) & 0xFu;
+    z0.signs = rademacher_signs(philox(g >> 7, C.tid, kPurposeNoise, L.noise_key), g);
     z0.dropped = 0;
   }
   if constexpr (K::O != Op::kGeneral) {
@@ -694,7 +720,7 @@ __device__ __forceinline__ void masked_block(const typename K::Args& a, const La
       update_elements<K, false, 4>(x, grad, z0, L.c, C.decay);
     }
   } else {
-    general_update<K>(a, L, C, g, general_flags(a.flags), valid, z0, x);
+    general_update<K>(a, L, C, g, general_flags(general_flag_bits(a)), valid, z0, x);
   }
   uint32_t words[4] = {0, 0, 0, 0};
   if constexpr (K::kStochastic && K::P != StorageType::kFloat32) {
@@ -796,12 +822,54 @@ __device__ __forceinline__ void rademacher_tiles(const LaunchContext& L, const C
   } while (--remaining != 0);  // SASS-LOOP rademacher
 }
 
+// The general kernel's whole units [first, last) (multiples of E), thread-strided: one 16-byte
+// parameter load and store per unit, the arithmetic of general_update on each 4 elements (the
+// masked path's, so an element's result does not depend on the path that computed it).  Gradient
+// and state elements keep scalar accesses (their types are runtime flags), so only the
+// parameter's alignment decides whether a tensor takes this loop.
+template <class K>
+__device__ __forceinline__ void general_units(const typename K::Args& a, const LaunchContext& L, const ChunkContext& C,
+                                              const GeneralFlags& flags, uint64_t first, uint64_t last) {
+  constexpr int E = K::E;
+  constexpr bool kAllValid[4] = {true, true, true, true};
+  const uint32_t units = static_cast<uint32_t>((last - first) / E);
+#pragma unroll 1
+  for (uint32_t unit = threadIdx.x; unit < units; unit += kThreads) {  // SASS-LOOP general
+    const uint64_t g = first + static_cast<uint64_t>(unit) * E;
+    char* param = reinterpret_cast<char*>(C.param + g * Storage<K::P>::kBytes);
+    __builtin_assume(__isGlobal(param));
+    float x[E];
+    load_vector<K::P, E>(param, x);
+    uint4 signs_words;  // Rademacher: a unit (E <= 8 elements from a multiple of E) lies in one 128-element block
+    if constexpr (!K::kGaussian) signs_words = philox(g >> 7, C.tid, kPurposeNoise, L.noise_key);
+#pragma unroll
+    for (int q = 0; q < E / 4; ++q) {
+      float part[4] = {x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]};
+      UnitNoise<4> z0;
+      if constexpr (K::kGaussian) {
+        general_noise<true>(a, L.noise_key, g + 4 * q, C.tid, z0);
+      } else {
+        z0.signs = rademacher_signs(signs_words, g + 4 * q);
+        general_mask<false>(a, L.noise_key, g + 4 * q, C.tid, z0);
+      }
+      general_update<K>(a, L, C, g + 4 * q, flags, kAllValid, z0, part);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[4 * q + e] = part[e];
+    }
+    uint32_t words[E];
+    if constexpr (K::kStochastic && K::P != StorageType::kFloat32) {
+      rounding_words<E>(static_cast<uint32_t>(g >> 2), static_cast<uint32_t>(g >> 34), C.tid, L.rounding_key, words);
+    }
+    store_vector<K::P, K::kStochastic && K::P != StorageType::kFloat32, E>(param, x, words);
+  }
+}
+
 // The vector range of a chunk: whole units (Gaussian) or tiles (Rademacher), or an empty range
 // (first == last) when the tensor is not vectorizable or the chunk's Philox block counter would
 // wrap its low word (once per 2^34 elements).
 template <class K>
 __device__ __forceinline__ void vector_range(const ChunkContext& C, bool vectorizable, uint64_t& first, uint64_t& last) {
-  constexpr uint64_t kGranule = K::kGaussian ? K::E : kTile;
+  constexpr uint64_t kGranule = K::kGaussian || K::O == Op::kGeneral ? K::E : kTile;
   first = (C.lo + kGranule - 1) / kGranule * kGranule;
   last = C.hi / kGranule * kGranule;
   const bool wraps = (first >> 2) + (kChunk / 4) > ((first >> 34) + 1) << 32;
@@ -838,7 +906,7 @@ __device__ __forceinline__ const void* gradient_of(const typename K::Args& a, ui
 template <class K>
 __device__ __forceinline__ void run_chunks(const typename K::Args& a, const LaunchContext& L) {
   GeneralFlags flags;
-  if constexpr (K::O == Op::kGeneral) flags = general_flags(a.flags);
+  if constexpr (K::O == Op::kGeneral) flags = general_flags(general_flag_bits(a));
 
   for (uint32_t chunk = a.chunk_base + blockIdx.x; chunk < a.chunk_base + a.num_chunks; chunk += gridDim.x) {  // SASS-CHUNK
     const uint32_t t = __ldg(a.chunk_tensor + chunk);
@@ -868,7 +936,7 @@ __device__ __forceinline__ void run_chunks(const typename K::Args& a, const Laun
       }
       if (has_grad) {
         C.grad = reinterpret_cast<uint64_t>(gradient_of<K>(a, t)) - offset * grad_bytes;
-        misaligned |= C.grad;
+        if constexpr (K::O == Op::kGrad) misaligned |= C.grad;  // the general kernel reads it element by element
       }
     }
     if constexpr (K::O == Op::kGeneral) {
@@ -879,9 +947,11 @@ __device__ __forceinline__ void run_chunks(const typename K::Args& a, const Laun
       }
     }
     uint64_t first, last;
-    vector_range<K>(C, K::O != Op::kGeneral && (misaligned & 15u) == 0, first, last);
+    vector_range<K>(C, (misaligned & 15u) == 0, first, last);
     if (first < last) {
-      if (K::O != Op::kPerturb && C.decay != 0.0f) {
+      if constexpr (K::O == Op::kGeneral) {
+        general_units<K>(a, L, C, flags, first, last);
+      } else if (K::O != Op::kPerturb && C.decay != 0.0f) {
         vector_loop<K, true>(L, C, first, last);
       } else {
         vector_loop<K, false>(L, C, first, last);
@@ -898,10 +968,18 @@ __global__ void __launch_bounds__(kThreads, 4) fused_kernel(const __grid_constan
     run_chunks<K>(a, L);
   } else {
     const PhiloxKey noise_key = philox_key(seed_at(a, 0));
-    const PhiloxKey rounding_key = philox_key(seed_at(a, a.num_directions > 0 ? a.num_directions : 1));
+    const uint64_t rounding_seed = seed_at(a, a.num_directions > 0 ? a.num_directions : 1);
+    const PhiloxKey rounding_key = philox_key(rounding_seed);
     const Coefficients c = coefficients<K>(a);
-    const LaunchContext L{noise_key, rounding_key, c};
-    run_chunks<K>(a, L);
+    if constexpr (K::O == Op::kGeneral && K::kStochastic) {
+      const PhiloxKey state_rounding_keys[2] = {philox_key(rounding_seed ^ a.state_keys[0]),
+                                                philox_key(rounding_seed ^ a.state_keys[1])};
+      const LaunchContext L{noise_key, rounding_key, c, state_rounding_keys};
+      run_chunks<K>(a, L);
+    } else {
+      const LaunchContext L{noise_key, rounding_key, c};
+      run_chunks<K>(a, L);
+    }
   }
 }
 
