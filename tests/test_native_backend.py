@@ -631,7 +631,7 @@ def test_sass_counting_rules_on_a_synthetic_listing(monkeypatch):
     kernels = sass_native.parse_disassembly(_synthetic_listing())
     instructions, labels = kernels["_kernel"]
     facts = sass_native.SourceFacts(storage={}, noise={}, ops={}, chunk=65536, threads=256,
-                                    loop_lines={10: "CHUNK", 20: "gaussian", 30: "MASKED"})
+                                    loop_lines={10: "CHUNK", 20: "gaussian", 30: "MASKED"}, flags={}, states={})
     counts = sass_native.count_kernel(instructions, labels, facts)
     assert counts.loop == 6  # LDG, LDL, FFMA, BRA, STG, back-edge BRA: the NOP and the cold block are not counted
     assert counts.loop_kind == "gaussian"
@@ -654,6 +654,41 @@ def test_sass_variants_map_to_kernels_of_the_source():
     assert 31.0 < sass.budget_per_element(4) < 31.5 and 62.0 < sass.budget_per_element(8) < 62.6
 
 
+def test_sass_general_configurations_pin_the_flags_run_group_sets():
+    """Each general-kernel row compiles the general kernel with the flags run_group would pass
+    for that job (csrc/cuda/fused_cuda.cu: shift 1, grad 2, update 4, bf16 state 8, gradient type
+    << 4, StateKind << 6), its direction count and its sparsity."""
+    from addax_kernels import sass
+    from addax_kernels.sass import native_backend as sass_native
+
+    facts = sass_native.source_facts()
+    assert "general" in facts.loop_lines.values()
+    general = facts.ops["kGeneral"]
+    cases = {
+        sass.Variant("perturb", "bf16", sparse=True): (1, 0, 1),
+        sass.Variant("zo_update", "bf16", rounding="stochastic", directions=2): (1 | 4, 2, 0),
+        sass.Variant("zo_update", "bf16", state="momentum", state_dtype="bf16"): (1 | 4 | 8 | 1 << 6, 1, 0),
+        sass.Variant("zo_update", "fp32", state="adam", state_dtype="fp32"): (1 | 4 | 2 << 6, 1, 0),
+    }
+    for variant, (flags, directions, sparse) in cases.items():
+        assert variant.is_general()
+        assert dict(sass_native.general_defines(variant, facts)) == {
+            "ADDAX_SASS_PIN_FLAGS": flags, "ADDAX_SASS_PIN_DIRECTIONS": directions, "ADDAX_SASS_PIN_SPARSE": sparse}
+        assert sass_native.kernel_key(variant, facts)[3] == general
+    # float32 parameters with state round that state: the stochastic kernel (run_group's rule).
+    stochastic_state = sass.Variant("zo_update", "fp32", rounding="stochastic", state="adam", state_dtype="bf16")
+    assert sass_native.kernel_key(stochastic_state, facts)[2] == 1
+    assert sass_native.general_defines(sass.Variant("zo_update", "bf16"), facts) == ()
+    # Bytes per element: parameter read + write, plus each state buffer's read + write.
+    assert stochastic_state.bytes_per_element() == 8 + 2 * 2 * 2
+    assert sass.Variant("zo_update", "bf16", state="momentum", state_dtype="fp32").bytes_per_element() == 4 + 8
+    for bad in (dict(state="momentum"), dict(state="nesterov", state_dtype="fp32"), dict(directions=0)):
+        with pytest.raises(ValueError):
+            sass.Variant("zo_update", "bf16", **bad)
+    with pytest.raises(ValueError, match="only zo_update"):
+        sass.Variant("perturb", "bf16", directions=2)
+
+
 def test_sass_rows_and_summary_name_their_compiler():
     """The counts depend on the compiler, so each row and the summary say which one made them."""
     from addax_kernels import sass
@@ -665,7 +700,7 @@ def test_sass_rows_and_summary_name_their_compiler():
     assert [tuple(row) for row in rows] == [sass.ROW_FIELDS] * 2
     summary = sass._format_summary(rows, [])
     assert "Compiled with: native: nvcc V13.0.88; triton: triton 3.6.0." in summary
-    assert "| triton | perturb | bf16 | - | gaussian | nearest | 62.3 | 31.2 | 0.50 | >= 0.95 MISSED |" in summary
+    assert "| triton | perturb | bf16 | - | gaussian | nearest | - | 62.3 | 31.2 | 0.50 | >= 0.95 MISSED |" in summary
     assert "| 40 | 3 (1) | 16 |" in summary  # local loads/stores in the kernel (in the steady-state loop)
     try:
         version = sass_native.nvcc_version()

@@ -499,6 +499,28 @@ def test_sass_counting_rules_on_a_known_kernel():
     assert sass.estimated_cap(8, 1.0) == 1.0
 
 
+def test_sass_report_lists_variants_it_cannot_count_and_keeps_the_others(monkeypatch):
+    """A loop with an inner loop or branch cannot be counted exactly: that variant goes to the
+    report's "Not reported" list with its configuration, the backend's other rows stay."""
+    from addax_kernels import sass
+    from addax_kernels.sass import triton_backend as sass_triton
+
+    countable, branching = sass.Variant("perturb", "bf16"), sass.Variant("zo_update", "bf16", directions=2)
+
+    def fake_row(variant):
+        if variant == branching:
+            raise sass_triton.NotCountable("inner loop")
+        return sass.make_row("triton", variant, 20.0, 40, 0, 0, 16, "triton (fake)")
+
+    monkeypatch.setattr(sass_triton, "variant_row", fake_row)
+    rows, problems = sass_triton._rows_here((countable, branching))
+    assert [sass.variant_of(row) for row in rows] == [countable]
+    assert problems == ["zo_update bf16 gaussian nearest q=2: inner loop"]
+    monkeypatch.setattr(sass_triton, "triton_rows", lambda: sass_triton._rows_here((countable, branching)))
+    rows, problems = sass._collect("triton", "triton_backend", "triton_rows")
+    assert len(rows) == 1 and problems == ["triton: zo_update bf16 gaussian nearest q=2: inner loop"]
+
+
 # ----------------------------------------------------------------------------- compiled code, offline
 
 # Compiles three variants for sm_90 (and one for sm_80) with Triton's bundled ptxas, in a

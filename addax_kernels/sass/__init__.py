@@ -26,8 +26,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..backends import STATE_ADAM, STATE_BUFFERS, STATE_MOMENTUM
 
 # H200: 132 SMs x 4 schedulers x 1.98 GHz x 32 threads, against ~4.3 TB/s of copy bandwidth.
 H200_SMS = 132
@@ -44,6 +46,8 @@ MODEL_ELEMENTS = 1 << 27
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPS = ("perturb", "zo_update", "addax_update")
+# Optimizer state: buffers per parameter.
+STATE_KINDS = {"momentum": STATE_BUFFERS[STATE_MOMENTUM], "adam": STATE_BUFFERS[STATE_ADAM]}
 
 DEFAULT_OUT = os.path.join("bench", "results", "sass-sm90")
 
@@ -72,8 +76,10 @@ def resident_blocks(registers: int, threads: int) -> int:
 class Variant:
     """One row: an op with its dtypes, noise and rounding (host seeds and scalars, no weight decay).
 
-    ``zo_update`` is MeZO's fused restore + one direction; ``addax_update`` one direction plus
-    the gradient.
+    ``zo_update`` is MeZO's fused restore + ``directions`` directions; ``addax_update`` one
+    direction plus the gradient; ``perturb`` has no direction.  ``sparse`` (a sparsity mask),
+    more than one direction, or optimizer ``state`` (``"momentum"``: one buffer, ``"adam"``:
+    two, of ``state_dtype``) make it a configuration of the native general kernel.
     """
 
     op: str
@@ -81,13 +87,42 @@ class Variant:
     grad_dtype: Optional[str] = None
     noise: str = "gaussian"
     rounding: str = "nearest"
+    directions: int = 1
+    sparse: bool = False
+    state: Optional[str] = None
+    state_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if (self.state is None) != (self.state_dtype is None) or (self.state not in (None, *STATE_KINDS)):
+            raise ValueError(f"state must be one of {tuple(STATE_KINDS)} with a state_dtype, or neither: {self}")
+        if self.directions < 1 or (self.op != "zo_update" and self.directions != 1):
+            raise ValueError(f"only zo_update takes several directions: {self}")
+
+    def direction_count(self) -> int:
+        return 0 if self.op == "perturb" else self.directions
+
+    def is_general(self) -> bool:
+        """Whether the native backend runs it in its general kernel (runtime flags)."""
+        return self.sparse or self.state is not None or self.directions > 1
 
     def bytes_per_element(self) -> int:
         size = DTYPE_BYTES[self.param_dtype]
-        return 2 * size + (DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else 0)
+        state = 2 * STATE_KINDS[self.state] * DTYPE_BYTES[self.state_dtype] if self.state else 0
+        return 2 * size + (DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else 0) + state
+
+    def configuration(self) -> str:
+        """The general-kernel part of the row, e.g. ``q=2``, ``sparse``, ``adam fp32``; ``-`` for none."""
+        parts = ([f"q={self.directions}"] if self.directions > 1 else []) + (["sparse"] if self.sparse else []) + \
+            ([f"{self.state} {self.state_dtype}"] if self.state else [])
+        return ", ".join(parts) or "-"
 
     def target_cap(self) -> Optional[float]:
-        """The cap this variant is held to, or None where the report sets none."""
+        """The cap this variant is held to, or None where the report sets none (the general
+        kernel's configurations are reported, not held to a cap)."""
+        if self.is_general():
+            return None
         if self.noise == "rademacher":
             return TARGET_CAP_PERTURB
         if self.op == "perturb":
@@ -113,7 +148,23 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("addax_update", "bf16", "fp32", rounding="nearest"),
 )
 
-ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding", "sass_per_element", "registers",
+# Configurations of the native general kernel the ZO-Bench family and sparse perturbations run:
+# sparse MeZO's perturbation, q = 2 directions, ZO-SGD with momentum, ZO-Adam.
+GENERAL_VARIANTS: Tuple[Variant, ...] = (
+    Variant("perturb", "bf16", sparse=True),
+    Variant("perturb", "bf16", noise="rademacher", sparse=True),
+    Variant("perturb", "bf16", rounding="stochastic", sparse=True),
+    Variant("zo_update", "bf16", rounding="stochastic", directions=2),
+    Variant("zo_update", "bf16", rounding="stochastic", state="momentum", state_dtype="fp32"),
+    Variant("zo_update", "bf16", rounding="stochastic", state="momentum", state_dtype="bf16"),
+    Variant("zo_update", "bf16", rounding="stochastic", state="adam", state_dtype="fp32"),
+    Variant("zo_update", "fp32", state="adam", state_dtype="fp32"),
+)
+
+REPORT_VARIANTS: Tuple[Variant, ...] = VARIANTS + GENERAL_VARIANTS
+
+ROW_FIELDS = ("backend", "op", "param_dtype", "grad_dtype", "noise", "rounding", "directions", "sparse", "state",
+              "state_dtype", "sass_per_element", "registers",
               "local_accesses", "loop_local_accesses", "access_bytes", "estimated_cap", "compiler")
 
 
@@ -151,19 +202,26 @@ def make_row(backend: str, variant: Variant, sass_per_element: float, registers:
     return row
 
 
+def variant_of(row: dict) -> Variant:
+    """The variant a report row measured."""
+    return Variant(**{field.name: row[field.name] for field in fields(Variant)})
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def _collect(name: str, module: str, function: str) -> Tuple[List[dict], Optional[str]]:
-    """Rows from one backend's collector, or ([], why not) when it cannot run here."""
+def _collect(name: str, module: str, function: str) -> Tuple[List[dict], List[str]]:
+    """(rows, problems) of one backend's collector: the variants it could not count, or the whole
+    backend when it cannot run here, one line each."""
     try:
         collector = getattr(__import__(f"addax_kernels.sass.{module}", fromlist=[function]), function)
     except ImportError as error:
-        return [], f"{name}: collector addax_kernels.sass.{module} is not available ({error})"
+        return [], [f"{name}: collector addax_kernels.sass.{module} is not available ({error})"]
     try:
-        return list(collector()), None
+        rows, not_counted = collector()
     except Exception as error:  # a missing compiler or toolkit is a reportable outcome, not a crash
-        return [], f"{name}: {type(error).__name__}: {error}"
+        return [], [f"{name}: {type(error).__name__}: {error}"]
+    return list(rows), [f"{name}: {line}" for line in not_counted]
 
 
 def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
@@ -177,17 +235,17 @@ def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
         "Compiled with: " + "; ".join(sorted({f"{row['backend']}: {row['compiler']}"
                                               for row in rows})) + ".",
         "",
-        "| backend | op | param | grad | noise | rounding | SASS/elem | budget | cap | target | regs | "
+        "| backend | op | param | grad | noise | rounding | config | SASS/elem | budget | cap | target | regs | "
         "local ld/st (in loop) | access B |",
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
-        variant = Variant(row["op"], row["param_dtype"], row["grad_dtype"], row["noise"], row["rounding"])
+        variant = variant_of(row)
         target = variant.target_cap()
         verdict = "" if target is None else (f">= {target:.2f} " + ("met" if row["estimated_cap"] >= target else "MISSED"))
         lines.append(
             f"| {row['backend']} | {row['op']} | {row['param_dtype']} | {row['grad_dtype'] or '-'} | {row['noise']} | "
-            f"{row['rounding']} | {row['sass_per_element']:.1f} | {budget_per_element(variant.bytes_per_element()):.1f} | "
+            f"{row['rounding']} | {variant.configuration()} | {row['sass_per_element']:.1f} | {budget_per_element(variant.bytes_per_element()):.1f} | "
             f"{row['estimated_cap']:.2f} | {verdict} | {row['registers']} | "
             f"{row['local_accesses']} ({row['loop_local_accesses']}) | {row['access_bytes']} |"
         )
@@ -213,10 +271,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[dict] = []
     problems: List[str] = []
     for name in wanted:
-        backend_rows, problem = _collect(name, *collectors[name])
+        backend_rows, backend_problems = _collect(name, *collectors[name])
         rows += backend_rows
-        if problem:
-            problems.append(problem)
+        problems += backend_problems
     os.makedirs(args.out, exist_ok=True)
     report: Dict[str, object] = {
         "budget": {

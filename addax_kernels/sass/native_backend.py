@@ -3,7 +3,7 @@
 :func:`native_rows` compiles ``csrc/cuda/fused_cuda.cu`` to a cubin with nvcc, setup.py's
 flags (``csrc/build_flags.py``) and ``-lineinfo`` (which annotates, and does not change, the
 code), disassembles it with ``nvdisasm -g`` and counts, for each variant of
-:data:`addax_kernels.sass.VARIANTS`, the instructions one thread issues per element.
+:data:`addax_kernels.sass.REPORT_VARIANTS`, the instructions one thread issues per element.
 
 How an instruction is counted (docs/native.md, "Instruction counts"):
 
@@ -56,7 +56,7 @@ from . import (
     MODEL_ELEMENTS,
     MODEL_TENSORS,
     H200_SMS,
-    VARIANTS,
+    REPORT_VARIANTS,
     Variant,
     is_local_access,
     make_row,
@@ -111,15 +111,17 @@ def _tool(name: str, cuda_home: str) -> str:
     raise FileNotFoundError(f"{name} not found in {cuda_home}/bin, in Triton's bundled tools or on PATH")
 
 
-def compile_cubin(out_dir: str) -> Tuple[str, str]:
-    """nvcc -cubin of fused_cuda.cu for the report's architecture; returns (cubin path, ptxas -v log)."""
+def compile_cubin(out_dir: str, defines: Sequence[Tuple[str, int]] = ()) -> Tuple[str, str]:
+    """nvcc -cubin of fused_cuda.cu for the report's architecture, with the preprocessor
+    ``defines`` (name, value); returns (cubin path, ptxas -v log)."""
     if not os.path.exists(SOURCE):
         raise FileNotFoundError(f"{SOURCE} is missing: the SASS report needs the source tree (csrc/)")
     flags = runpy.run_path(os.path.join(CSRC, "build_flags.py"))
     cuda_home = _cuda_home()
     cubin = os.path.join(out_dir, "fused_cuda.cubin")
     command = [os.path.join(cuda_home, "bin", "nvcc"), *flags["NVCC_FLAGS"], f"-arch={flags['SASS_REPORT_ARCH']}",
-               "-cubin", "-lineinfo", "-Xptxas", "-v", SOURCE, "-o", cubin]
+               "-cubin", "-lineinfo", "-Xptxas", "-v", *[f"-D{name}={value}" for name, value in defines], SOURCE,
+               "-o", cubin]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
@@ -161,7 +163,9 @@ class SourceFacts:
     ops: Dict[str, int]
     chunk: int
     threads: int
-    loop_lines: Dict[int, str]  # line -> marker kind (gaussian, rademacher, CHUNK, MASKED)
+    loop_lines: Dict[int, str]  # line -> marker kind (gaussian, rademacher, general, CHUNK, MASKED)
+    flags: Dict[str, int]  # the general kernel's flag bits (kFlagShift -> 1) and field shifts (kFlagStateShift -> 6)
+    states: Dict[str, int]  # StateKind
 
 
 def source_facts() -> SourceFacts:
@@ -183,16 +187,42 @@ def source_facts() -> SourceFacts:
         chunk=int(re.search(r"constexpr int64_t kChunk = (\d+);", source).group(1)),
         threads=int(re.search(r"constexpr int kThreads = (\d+);", source).group(1)),
         loop_lines=loop_lines,
+        flags={**{name: 1 << int(bit) for name, bit in re.findall(r"constexpr uint32_t (kFlag\w+) = 1u << (\d+);", source)},
+               **{name: int(shift) for name, shift in re.findall(r"constexpr int (kFlag\w+Shift) = (\d+);", source)}},
+        states=_enum_values(header, "StateKind"),
     )
 
 
 def kernel_key(variant: Variant, facts: SourceFacts) -> Tuple[int, int, int, int, int]:
     """(param type, noise, stochastic, op, grad type) of the kernel the dispatcher picks for ``variant``."""
     param = facts.storage[variant.param_dtype]
-    stochastic = int(variant.rounding == "stochastic" and variant.param_dtype != "fp32")
+    # float32 parameters never round; their state (general kernel) may.
+    stochastic = int(variant.rounding == "stochastic" and (variant.param_dtype != "fp32" or variant.state is not None))
+    if variant.is_general():
+        return param, facts.noise[variant.noise], stochastic, facts.ops["kGeneral"], param
     op = {"perturb": "kPerturb", "zo_update": "kStepShift", "addax_update": "kGrad"}[variant.op]
     grad = facts.storage[variant.grad_dtype] if variant.grad_dtype else param
     return param, facts.noise[variant.noise], stochastic, facts.ops[op], grad
+
+
+def general_defines(variant: Variant, facts: SourceFacts) -> Tuple[Tuple[str, int], ...]:
+    """The preprocessor values that fix the general kernel's runtime flags to ``variant``'s
+    configuration (run_group's flags for that job), or () for a specialized kernel's variant."""
+    if not variant.is_general():
+        return ()
+    flags = facts.flags
+    bits = flags["kFlagShift"] if variant.op != "addax_update" else 0
+    if variant.op != "perturb":
+        bits |= flags["kFlagUpdate"]
+    if variant.grad_dtype:
+        bits |= flags["kFlagGrad"] | facts.storage[variant.grad_dtype] << flags["kFlagGradTypeShift"]
+    if variant.state:
+        state = {"momentum": "kMomentum", "adam": "kAdam"}[variant.state]
+        bits |= facts.states[state] << flags["kFlagStateShift"]
+        if variant.state_dtype == "bf16":
+            bits |= flags["kFlagStateBF16"]
+    return (("ADDAX_SASS_PIN_FLAGS", bits), ("ADDAX_SASS_PIN_DIRECTIONS", variant.direction_count()),
+            ("ADDAX_SASS_PIN_SPARSE", int(variant.sparse)))
 
 
 _KERNEL_NAME = re.compile(r"StorageTypeE(\d+)ELNS_9NoiseKindE(\d+)ELb([01])EL\w+?OpE(\d+)EL\w+?_(\d+)EE")
@@ -362,7 +392,7 @@ def count_kernel(instructions, labels, facts: SourceFacts) -> KernelCounts:
         kind = facts.loop_lines.get(instructions[tail].line)
         if kind:
             by_kind.setdefault(kind, []).append((head, tail))
-    hot = [(kind, loop) for kind in ("gaussian", "rademacher") for loop in by_kind.get(kind, [])]
+    hot = [(kind, loop) for kind in ("gaussian", "rademacher", "general") for loop in by_kind.get(kind, [])]
     if not hot or "CHUNK" not in by_kind or "MASKED" not in by_kind:
         raise ValueError(f"marked loops not found in the disassembly (found {sorted(by_kind)})")
     kind, (head, tail) = min(hot, key=lambda item: _count(instructions, labels, *item[1], skip_cold=True))
@@ -409,8 +439,9 @@ def _ptxas_resources(log: str) -> Dict[str, Tuple[int, int]]:
 def per_element(counts: KernelCounts, variant: Variant, registers: int, facts: SourceFacts) -> dict:
     """sass_per_element and its parts for ``variant`` (see the module docstring)."""
     unit = 16 // (4 if variant.param_dtype == "fp32" else 2)
-    elements_per_iteration = unit if counts.loop_kind == "gaussian" else 4096 // 32
-    granule = unit if counts.loop_kind == "gaussian" else 4096
+    per_unit = counts.loop_kind in ("gaussian", "general")  # one 16-byte unit per thread and iteration
+    elements_per_iteration = unit if per_unit else 4096 // 32
+    granule = unit if per_unit else 4096
     tensor_elements = MODEL_ELEMENTS // MODEL_TENSORS
     chunks = MODEL_TENSORS * math.ceil(tensor_elements / facts.chunk)
     grid = H200_SMS * resident_blocks(registers, facts.threads)
@@ -431,21 +462,33 @@ def per_element(counts: KernelCounts, variant: Variant, registers: int, facts: S
     }
 
 
-def native_rows(variants: Sequence[Variant] = VARIANTS) -> List[dict]:
-    """One report row per variant for the native CUDA kernels (sm_90a, compiled here)."""
-    facts = source_facts()
+def _compiled_kernels(defines: Tuple[Tuple[str, int], ...]):
+    """(kernels of the disassembly, ptxas resources) of one compile of fused_cuda.cu."""
     with tempfile.TemporaryDirectory(prefix="addax-sass-") as directory:
-        cubin, log = compile_cubin(directory)
-        kernels = disassemble(cubin)
-    resources = _ptxas_resources(log)
+        cubin, log = compile_cubin(directory, defines)
+        return disassemble(cubin), _ptxas_resources(log)
+
+
+def native_rows(variants: Sequence[Variant] = REPORT_VARIANTS) -> Tuple[List[dict], List[str]]:
+    """(one report row per variant for the native CUDA kernels, sm_90a, compiled here; no
+    variant left uncounted: any that cannot be counted raises).  The specialized kernels come
+    from one compile, each general-kernel configuration from its own compile with the kernel's
+    runtime flags fixed (general_defines), side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    facts = source_facts()
+    builds = sorted({general_defines(variant, facts) for variant in variants})
+    with ThreadPoolExecutor(max_workers=max(1, min(len(builds), os.cpu_count() or 1))) as pool:
+        compiled = dict(zip(builds, pool.map(_compiled_kernels, builds)))
     compiler = nvcc_version()
-    by_key = {}
-    for name in kernels:
-        match = _KERNEL_NAME.search(name)
-        if match:
-            by_key[tuple(int(value) for value in match.groups())] = name
     rows = []
     for variant in variants:
+        kernels, resources = compiled[general_defines(variant, facts)]
+        by_key = {}
+        for name in kernels:
+            match = _KERNEL_NAME.search(name)
+            if match:
+                by_key[tuple(int(value) for value in match.groups())] = name
         key = kernel_key(variant, facts)
         if key not in by_key:
             raise ValueError(f"no kernel for {variant} (expected template arguments {key})")
@@ -457,10 +500,10 @@ def native_rows(variants: Sequence[Variant] = VARIANTS) -> List[dict]:
         rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, counts.local_accesses,
                              counts.loop_local_accesses, counts.access_bytes, compiler,
                              spill_store_bytes=spill_store_bytes, **parts))
-    return rows
+    return rows, []
 
 
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(native_rows(), indent=1))
+    print(json.dumps(native_rows()[0], indent=1))

@@ -41,7 +41,7 @@ from . import (
     MODEL_ELEMENTS,
     MODEL_TENSORS,
     TARGET_ARCH,
-    VARIANTS,
+    REPORT_VARIANTS,
     Variant,
     is_local_access,
     make_row,
@@ -69,18 +69,20 @@ def _compile(variant: Variant, arch: int = TARGET_ARCH):
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from ..backends import STATE_ADAM, STATE_MOMENTUM, STATE_NONE
     from ..backends.triton import kernels as K
     from ..backends.triton import launch
 
     if K.INTERPRETED:
         raise RuntimeError("the Triton kernels were loaded for the interpreter in this process")
-    grad = variant.grad_dtype
+    grad, state = variant.grad_dtype, variant.state_dtype
     pointer = {"fp32": "*fp32", "bf16": "*i16", "fp16": "*i16"}
     param_pointer = pointer[variant.param_dtype]
+    state_pointer = pointer[state] if state else param_pointer
     signature = {
         "table_ptr": "*i64", "grad_deltas_ptr": "*i64", "param_base": param_pointer,
-        "grad_base": pointer[grad] if grad else param_pointer, "state0_base": param_pointer,
-        "state1_base": param_pointer, "seeds_ptr": "*i64", "scalars_ptr": "*i64",
+        "grad_base": pointer[grad] if grad else param_pointer, "state0_base": state_pointer,
+        "state1_base": state_pointer, "seeds_ptr": "*i64", "scalars_ptr": "*i64",
     }
     signature.update({name: "i32" for name in (
         "num_full_rows", "search_steps", "num_full_tiles", "tiles_per_program", "num_edges", "seed_lo", "seed_hi",
@@ -92,20 +94,21 @@ def _compile(variant: Variant, arch: int = TARGET_ARCH):
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     constants = dict(
         BLOCK=launch.BLOCK,
-        WIDTH=launch.tile_width(torch_dtypes[variant.param_dtype], torch_dtypes[grad] if grad else None, None),
+        WIDTH=launch.tile_width(torch_dtypes[variant.param_dtype], torch_dtypes[grad] if grad else None,
+                                torch_dtypes[state] if state else None),
         PARAM_STORAGE=_STORAGE[variant.param_dtype],
         GRAD_STORAGE=_STORAGE[grad] if grad else 0,
-        STATE_STORAGE=0,
+        STATE_STORAGE=_STORAGE[state] if state else 0,
         ACCESS=K.ACCESS_VECTOR,
         GRAD_ACCESS=K.ACCESS_VECTOR,
         HAS_SHIFT=variant.op != "addax_update",
-        DIRECTIONS=0 if variant.op == "perturb" else 1,
+        DIRECTIONS=variant.direction_count(),
         HAS_GRAD=grad is not None,
         HAS_DECAY=False,
-        STATE=0,
+        STATE={None: STATE_NONE, "momentum": STATE_MOMENTUM, "adam": STATE_ADAM}[variant.state],
         NOISE=K.NOISE_GAUSSIAN if variant.noise == "gaussian" else K.NOISE_RADEMACHER,
         ROUNDING=K.ROUNDING_NEAREST if variant.rounding == "nearest" else K.ROUNDING_STOCHASTIC,
-        SPARSE=False,
+        SPARSE=variant.sparse,
         SEEDS_ON_DEVICE=False,
         SCALARS_ON_DEVICE=False,
         FAST=True,
@@ -284,7 +287,8 @@ def analyze(sass: Sass, register_count: int) -> KernelCounts:
         raise RuntimeError("no loop stores parameters: not the persistent fused-pass kernel")
     inner_header, inner = min(storing, key=lambda loop: len(loop[1]))
     if len(inner) != 1:
-        raise RuntimeError("the steady-state loop is not one straight-line block; its count would not be exact")
+        raise NotCountable("the steady-state loop is not one straight-line block (an inner loop or a branch); "
+                           "its count would not be exact")
     enclosing = [body for _, body in storing if inner < body]
     outer = min(enclosing, key=len) if enclosing else inner
     searches = [body for _, body in sass.loops if not body & outer and not stores(body)]
@@ -356,12 +360,24 @@ def variant_row(variant: Variant) -> dict:
                     f"triton {triton.__version__}")
 
 
-def _rows_here(variants) -> List[dict]:
-    return [variant_row(variant) for variant in variants]
+class NotCountable(RuntimeError):
+    """A variant whose steady-state loop the counting rules cannot count exactly."""
 
 
-def triton_rows(variants: Tuple[Variant, ...] = VARIANTS) -> List[dict]:
-    """One row per variant (fields in the module docstring); compiles offline, needs no GPU."""
+def _rows_here(variants) -> Tuple[List[dict], List[str]]:
+    rows, problems = [], []
+    for variant in variants:
+        try:
+            rows.append(variant_row(variant))
+        except NotCountable as error:
+            problems.append(f"{variant.op} {variant.param_dtype} {variant.noise} {variant.rounding} "
+                            f"{variant.configuration()}: {error}")
+    return rows, problems
+
+
+def triton_rows(variants: Tuple[Variant, ...] = REPORT_VARIANTS) -> Tuple[List[dict], List[str]]:
+    """(one row per variant, fields in the module docstring; one line per variant that could not
+    be counted); compiles offline, needs no GPU."""
     from ..backends.triton import kernels as K
 
     if not K.INTERPRETED:
@@ -376,20 +392,27 @@ def triton_rows(variants: Tuple[Variant, ...] = VARIANTS) -> List[dict]:
     result = subprocess.run([sys.executable, "-c", code, payload], env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"offline Triton compile failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout)
+    rows, problems = json.loads(result.stdout)
+    return rows, problems
 
 
 def format_table(rows: List[dict]) -> str:
-    header = ("op", "param", "grad", "noise", "rounding", "SASS/elem", "regs", "local ld/st (in loop)", "access B",
-              "cap")
+    from . import variant_of
+
+    header = ("op", "param", "grad", "noise", "rounding", "config", "SASS/elem", "regs", "local ld/st (in loop)",
+              "access B", "cap")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
         lines.append(" | ".join(str(value) for value in (
             row["op"], row["param_dtype"], row["grad_dtype"] or "-", row["noise"], row["rounding"],
+            variant_of(row).configuration(),
             row["sass_per_element"], row["registers"], f"{row['local_accesses']} ({row['loop_local_accesses']})",
             row["access_bytes"], row["estimated_cap"])))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(format_table(triton_rows()))
+    table_rows, not_counted = triton_rows()
+    print(format_table(table_rows))
+    for line in not_counted:
+        print("not counted:", line)
