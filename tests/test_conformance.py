@@ -109,6 +109,39 @@ def test_single_direction_update(backend_device, dtype, restore):
     assert_matches_reference(got, expected, (restore or 0.0) + 1e-2 * 0.9)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_single_direction_sparse_update_with_per_tensor_decay(backend_device, dtype):
+    """Restore, one masked direction and weight decay (zero for one tensor) in one pass."""
+    backend, device = backend_device
+    params = _params((4097, 129, 640), dtype, device, seed=5)
+    (got,), (expected,) = on_backend_and_reference(
+        ak.zo_update_, backend, [params], 77, 0.6, 1e-2, restore=1e-3, weight_decay=[0.1, 0.0, 0.3], sparsity=0.5,
+        rounding="stochastic")
+    assert_matches_reference(got, expected, 1e-3 + 1e-2 * 0.6)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Triton's interpreter: numpy on inf/NaN, on purpose
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_single_direction_update_of_non_finite_parameters(backend_device, dtype):
+    """inf and NaN end where the reference's formula sends them: θ' − lr·(c·z + wd·θ') is NaN
+    for an infinite θ' under weight decay (inf − inf) and stays ±inf without decay."""
+    backend, device = backend_device
+    values = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0, -0.5, 0.0] * 700)
+    params = [values.to(dtype).to(device) for _ in range(2)]
+    (got,), (expected,) = on_backend_and_reference(ak.zo_update_, backend, [params], 5, 0.5, 1e-2, restore=1e-3,
+                                                   weight_decay=[0.1, 0.0])
+    infinite = torch.isinf(values)
+    assert bool(torch.isnan(expected[0].float().cpu())[infinite].all())  # decay: inf − inf
+    assert torch.equal(expected[1].float().cpu()[infinite], values[infinite])  # no decay: ±inf stays
+    for index, (g, e) in enumerate(zip(got, expected)):
+        g, e = g.float().cpu(), e.float().cpu()
+        assert torch.equal(torch.isnan(g), torch.isnan(e)), f"params[{index}]: NaN positions differ"
+        assert torch.equal(g[torch.isinf(e)], e[torch.isinf(e)]), f"params[{index}]: infinities differ"
+    finite = torch.isfinite(values)
+    assert_matches_reference([g[finite.to(g.device)] for g in got], [e[finite.to(e.device)] for e in expected],
+                             1e-3 + 1e-2 * 0.5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_dtype", DTYPES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)

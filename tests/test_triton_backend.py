@@ -533,12 +533,12 @@ from addax_kernels.sass import triton_backend as s
 variants = (sass.Variant("perturb", "bf16"), sass.Variant("zo_update", "bf16", rounding="stochastic"),
             sass.Variant("addax_update", "bf16", "fp32", noise="rademacher", rounding="stochastic"))
 report = {}
-for variant in variants:
-    compiled, warps = s._compile(variant)
+for name, variant, overrides in [(v.op, v, None) for v in variants] + [("zo_update+decay", variants[1], {"HAS_DECAY": True})]:
+    compiled, warps = s._compile(variant, overrides=overrides)
     text = s.disassemble(compiled.asm["cubin"])
     counts = s.analyze(s.Sass(text), s.registers(compiled.asm["cubin"]))
-    report[variant.op] = dict(counts.__dict__, mufu="MUFU.LG2" in text and "MUFU.SIN" in text,
-                              cap=sass.estimated_cap(variant.bytes_per_element(), s.per_element(counts, 4096, warps)))
+    report[name] = dict(counts.__dict__, mufu="MUFU.LG2" in text and "MUFU.SIN" in text,
+                        cap=sass.estimated_cap(variant.bytes_per_element(), s.per_element(counts, 4096, warps)))
 sm80, _ = s._compile(sass.Variant("perturb", "fp16"), arch=80)
 report["sm80_loads"] = sorted(set(line.split()[0] for line in sm80.asm["ptx"].splitlines()
                                   if line.strip().startswith("ld.global")))
@@ -562,11 +562,14 @@ def test_offline_compile_for_sm90_and_sm80():
         pytest.skip("this triton install has no ptxas/nvdisasm")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    for op in ("perturb", "zo_update", "addax_update"):
+    for op in ("perturb", "zo_update", "addax_update", "zo_update+decay"):
         entry = report[op]
         assert entry["access_bytes"] == 16, (op, entry)
-        assert entry["local_accesses"] == 0, (op, entry)
-        assert entry["cap"] >= 0.9, (op, entry)
+        assert entry["loop_local_accesses" if op == "zo_update+decay" else "local_accesses"] == 0, (op, entry)
+        # zo_update+decay: MeZO's restore + step with weight decay (stochastic bf16, 2-3 more
+        # instructions per element than without decay), which triton 3.6 once compiled at ~130
+        # instructions per element (a cap of 0.23: its noise computed in a replicated layout).
+        assert entry["cap"] >= (0.8 if op == "zo_update+decay" else 0.9), (op, entry)
     assert report["perturb"]["mufu"] and report["zo_update"]["mufu"]
     assert not report["addax_update"]["mufu"]  # Rademacher noise needs no transcendentals
     assert any(load.endswith(".v4.b32") for load in report["sm80_loads"]), report["sm80_loads"]

@@ -64,8 +64,9 @@ def _triton_binary(name: str) -> str:
     return path
 
 
-def _compile(variant: Variant, arch: int = TARGET_ARCH):
-    """The compiled kernel (Triton CompiledKernel) of ``variant`` for ``GPUTarget("cuda", arch, 32)``."""
+def _compile(variant: Variant, arch: int = TARGET_ARCH, overrides: Optional[dict] = None):
+    """The compiled kernel (Triton CompiledKernel) of ``variant`` for ``GPUTarget("cuda", arch, 32)``;
+    ``overrides`` replaces constexprs the variant does not name (e.g. ``{"HAS_DECAY": True}``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -113,6 +114,10 @@ def _compile(variant: Variant, arch: int = TARGET_ARCH):
         SCALARS_ON_DEVICE=False,
         FAST=True,
     )
+    unknown = set(overrides or ()) - set(constants)
+    if unknown:
+        raise ValueError(f"unknown constexprs {sorted(unknown)}")
+    constants.update(overrides or {})
     signature.update({name: "constexpr" for name in constants})
     pointer_count = 8
     source = triton.compiler.ASTSource(fn=K.fused_pass_kernel, signature=signature, constexprs=constants,

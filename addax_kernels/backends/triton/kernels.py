@@ -535,6 +535,11 @@ def _tile(
     # A pass whose only use of z is linear (perturb; the single-direction ZO update, restore
     # included) adds linear_s·z once: θ + r·z − lr·c·z = θ + (r − lr·c)·z.
     LINEAR: tl.constexpr = not (HAS_GRAD or HAS_DECAY or STATE != _K_STATE_NONE or DIRECTIONS > 1)
+    # The restore shift, one direction, no state, a gradient or weight decay: z is used once too,
+    # x' = x + r·z, x' − lr·(c·z + g·grad + wd·x') = a·x + (a·r − lr·c)·z − lr·g·grad, a = 1 − lr·wd.
+    # Written with two uses of z (x' and the direction), triton 3.6 computed the noise in a layout
+    # where several threads compute each Philox block: 4-5x the instructions (docs/triton.md).
+    FOLDED: tl.constexpr = HAS_SHIFT and DIRECTIONS == 1 and STATE == _K_STATE_NONE and not LINEAR
     if HAS_SHIFT or DIRECTIONS > 0:
         root, unit = _tile_noise(k0, k1, tid, tile_start, NOISE, ROWS, WIDTH, FAST)
         if SPARSE:
@@ -544,6 +549,22 @@ def _tile(
         if SPARSE:
             step = tl.where(keep, step, 0.0)
         x = x + step
+    elif FOLDED:
+        if HAS_DECAY:
+            kept = 1.0 - lr * decay
+            # The reference's x' − lr·wd·x' is NaN for a non-finite x' where wd != 0 (inf − inf),
+            # a·x is not: x·0 carries the NaN.  A zero decay leaves x as it is.
+            x = tl.where(decay != 0.0, x * kept + x * 0.0, x)
+        else:
+            kept = lr * 0.0 + 1.0
+        step = ((kept * shift_s - lr * coeff0_s) * root) * unit
+        if SPARSE:
+            step = tl.where(keep, step, 0.0)
+        x = x + step
+        if HAS_GRAD:
+            grad = _load_float32(grad_base, grad_delta, tile_start, offsets, mask, GRAD_STORAGE, GRAD_ACCESS,
+                                 MASKED, WIDTH)
+            x = x - (lr * grad_coeff) * grad
     else:
         if HAS_SHIFT:
             step = (shift_s * root) * unit
