@@ -12,6 +12,9 @@
 //     allows ("vectorizable"), and
 //   * a masked path of 4-element Philox blocks with scalar accesses for everything else: the
 //     ragged ends of a tensor and tensors that are not vectorizable (handled per tensor).
+// The general kernel (below) has a steady-state loop of its own: 16-byte parameter units, its
+// gradient and state elements accessed one by one, so only the parameter's alignment counts
+// (Rademacher there: one Philox call per unit).
 // Gaussian z: one Philox call per 4 elements (SPEC §1).  Rademacher z: a warp computes the 32
 // Philox blocks of a 4096-element tile, one per lane, and hands each thread its word with a
 // shuffle: one Philox call per 128 elements, as the SPEC lays it out.  All indices are 64-bit.
