@@ -702,6 +702,12 @@ def test_sass_rows_and_summary_name_their_compiler():
     assert "Compiled with: native: nvcc V13.0.88; triton: triton 3.6.0." in summary
     assert "| triton | perturb | bf16 | - | gaussian | nearest | - | 62.3 | 31.2 | 0.50 | >= 0.95 MISSED |" in summary
     assert "| 40 | 3 (1) | 16 |" in summary  # local loads/stores in the kernel (in the steady-state loop)
+    # A general row names the built kernel's resources, which its pinned compile does not show.
+    general = sass.make_row("native", sass.Variant("perturb", "bf16", sparse=True), 36.0, 54, 0, 0, 16, "nvcc V13.0.88",
+                            built_registers=64, built_spill_store_bytes=16, built_loop_local_accesses=6)
+    summary = sass._format_summary(rows + [general], [])
+    assert "| native | perturb | bf16 | - | gaussian | nearest | sparse | 36.0 |" in summary
+    assert "- native perturb bf16 gaussian nearest sparse: 64 registers, 16 B spill stores, 6 in the loop body" in summary
     try:
         version = sass_native.nvcc_version()
     except FileNotFoundError:

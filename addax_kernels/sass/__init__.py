@@ -249,6 +249,16 @@ def _format_summary(rows: Sequence[dict], problems: Sequence[str]) -> str:
             f"{row['estimated_cap']:.2f} | {verdict} | {row['registers']} | "
             f"{row['local_accesses']} ({row['loop_local_accesses']}) | {row['access_bytes']} |"
         )
+    built = [row for row in rows if "built_registers" in row]
+    if built:
+        lines += ["", "The general rows count each configuration's path in the general kernel compiled with that "
+                      "configuration's runtime flags fixed. The built kernel holds every configuration's code in one "
+                      "loop; its registers, spill stores and local loads/stores in that loop (not all on one "
+                      "configuration's path):", ""]
+        lines += [f"- {row['backend']} {row['op']} {row['param_dtype']} {row['noise']} {row['rounding']} "
+                  f"{variant_of(row).configuration()}: {row['built_registers']} registers, "
+                  f"{row['built_spill_store_bytes']} B spill stores, {row['built_loop_local_accesses']} in the loop body"
+                  for row in built]
     if problems:
         lines += ["", "Not reported:", ""] + [f"- {problem}" for problem in problems]
     return "\n".join(lines) + "\n"

@@ -477,30 +477,50 @@ def native_rows(variants: Sequence[Variant] = REPORT_VARIANTS) -> Tuple[List[dic
     from concurrent.futures import ThreadPoolExecutor
 
     facts = source_facts()
-    builds = sorted({general_defines(variant, facts) for variant in variants})
+    # The build's own compile too: the general rows also report its general kernel's resources.
+    builds = sorted({general_defines(variant, facts) for variant in variants} | {()})
     with ThreadPoolExecutor(max_workers=max(1, min(len(builds), os.cpu_count() or 1))) as pool:
         compiled = dict(zip(builds, pool.map(_compiled_kernels, builds)))
     compiler = nvcc_version()
     rows = []
     for variant in variants:
         kernels, resources = compiled[general_defines(variant, facts)]
-        by_key = {}
-        for name in kernels:
-            match = _KERNEL_NAME.search(name)
-            if match:
-                by_key[tuple(int(value) for value in match.groups())] = name
-        key = kernel_key(variant, facts)
-        if key not in by_key:
-            raise ValueError(f"no kernel for {variant} (expected template arguments {key})")
-        name = by_key[key]
+        name = _kernel_named(kernels, kernel_key(variant, facts), variant)
         instructions, labels = kernels[name]
         counts = count_kernel(instructions, labels, facts)
         registers, spill_store_bytes = resources.get(name, (0, 0))
         parts = per_element(counts, variant, registers, facts)
+        if variant.is_general():
+            parts.update(_built_general_kernel(*compiled[()], kernel_key(variant, facts), variant, facts))
         rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, counts.local_accesses,
                              counts.loop_local_accesses, counts.access_bytes, compiler,
                              spill_store_bytes=spill_store_bytes, **parts))
     return rows, []
+
+
+def _kernel_named(kernels, key: Tuple[int, ...], variant: Variant) -> str:
+    for name in kernels:
+        match = _KERNEL_NAME.search(name)
+        if match and tuple(int(value) for value in match.groups()) == key:
+            return name
+    raise ValueError(f"no kernel for {variant} (expected template arguments {key})")
+
+
+def _built_general_kernel(kernels, resources, key: Tuple[int, ...], variant: Variant, facts: SourceFacts) -> dict:
+    """What the built general kernel (runtime flags: every configuration's code in one loop)
+    holds that the configuration's own compile does not show: its registers, spill stores and
+    local loads/stores anywhere in its loop body (on any configuration's path: a forward branch
+    over a call there may skip a whole configuration, so no range counts as cold)."""
+    name = _kernel_named(kernels, key, variant)
+    instructions, labels = kernels[name]
+    registers, spill_store_bytes = resources.get(name, (0, 0))
+    loop_locals = 0
+    for head, tail in _loops(instructions, labels):
+        if facts.loop_lines.get(instructions[tail].line) == "general":
+            loop_locals = max(loop_locals, sum(1 for index in range(head, tail + 1)
+                                               if is_local_access(opcode_of(instructions[index].text))))
+    return {"built_registers": registers, "built_spill_store_bytes": spill_store_bytes,
+            "built_loop_local_accesses": loop_locals}
 
 
 if __name__ == "__main__":
