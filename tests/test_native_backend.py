@@ -682,11 +682,14 @@ def test_sass_general_configurations_pin_the_flags_run_group_sets():
     # Bytes per element: parameter read + write, plus each state buffer's read + write.
     assert stochastic_state.bytes_per_element() == 8 + 2 * 2 * 2
     assert sass.Variant("zo_update", "bf16", state="momentum", state_dtype="fp32").bytes_per_element() == 4 + 8
-    for bad in (dict(state="momentum"), dict(state="nesterov", state_dtype="fp32"), dict(directions=0)):
+    for bad in (dict(state="momentum"), dict(state="nesterov", state_dtype="fp32"), dict(directions=0),
+                dict(state="adam", state_dtype="fp16")):
         with pytest.raises(ValueError):
             sass.Variant("zo_update", "bf16", **bad)
     with pytest.raises(ValueError, match="only zo_update"):
         sass.Variant("perturb", "bf16", directions=2)
+    with pytest.raises(ValueError, match="only zo_update"):
+        sass.Variant("addax_update", "bf16", "bf16", state="momentum", state_dtype="fp32")
 
 
 def test_sass_rows_and_summary_name_their_compiler():

@@ -95,8 +95,12 @@ class Variant:
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if (self.state is None) != (self.state_dtype is None) or (self.state not in (None, *STATE_KINDS)):
-            raise ValueError(f"state must be one of {tuple(STATE_KINDS)} with a state_dtype, or neither: {self}")
+        if (self.state is None) != (self.state_dtype is None) or (self.state not in (None, *STATE_KINDS)) or \
+                self.state_dtype not in (None, "fp32", "bf16"):
+            raise ValueError(f"state must be one of {tuple(STATE_KINDS)} with a state_dtype of fp32 or bf16, or "
+                             f"neither: {self}")
+        if self.state is not None and self.op != "zo_update":
+            raise ValueError(f"only zo_update carries optimizer state: {self}")
         if self.directions < 1 or (self.op != "zo_update" and self.directions != 1):
             raise ValueError(f"only zo_update takes several directions: {self}")
 

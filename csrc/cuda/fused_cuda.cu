@@ -426,6 +426,22 @@ __device__ __forceinline__ void scaled_noise(float coeff, const UnitNoise<E>& z,
   }
 }
 
+// x[e] += coeff * z[e] with the sparsity mask (general kernel), every rounding explicit: one
+// FFMA per Gaussian element (a dropped element's trig is -0: x + (±0)), an exact sign flip and
+// __fadd_rn for Rademacher.  nvcc then cannot contract the vector loop's and the masked path's
+// inlined copies differently: an element's result does not depend on its path.
+template <bool kGaussian>
+__device__ __forceinline__ void add_masked_noise(float (&x)[4], float coeff, const UnitNoise<4>& z) {
+  if constexpr (kGaussian) {
+    add_noise<true, 4>(x, coeff, z);
+  } else {
+    float t[4];
+    scaled_noise<false, 4>(coeff, z, t);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[e] = __fadd_rn(x[e], t[e]);
+  }
+}
+
 // Purpose-1 words of E elements starting at a multiple of 4.
 template <int E>
 __device__ __forceinline__ void rounding_words(uint32_t block_lo, uint32_t block_hi, uint32_t tid,
@@ -596,27 +612,20 @@ __device__ __forceinline__ void general_update(const typename K::Args& a, const 
                                                uint64_t g, const GeneralFlags& f, const bool (&valid)[4],
                                                const UnitNoise<4>& z0, float (&x)[4]) {
   constexpr bool kGaussian = K::kGaussian;
-  float t[4];
-  if (f.shift) {
-    scaled_noise<kGaussian>(L.c.shift, z0, t);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) x[e] = x[e] + t[e];
-  }
+  if (f.shift) add_masked_noise<kGaussian>(x, L.c.shift, z0);
   if (f.update) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int directions = K::O == Op::kGeneral ? general_directions(a) : 1;
     for (int k = 0; k < directions; ++k) {
       const float scale = kGaussian ? kGaussianScale : 1.0f;
       if (k == 0) {
-        scaled_noise<kGaussian>(L.c.coeff, z0, t);
+        add_masked_noise<kGaussian>(d, L.c.coeff, z0);
       } else {
         UnitNoise<4> zk;
         const PhiloxKey key = philox_key(seed_at(a, k));
         general_noise<kGaussian>(a, key, g, C.tid, zk);
-        scaled_noise<kGaussian>(scalar_at(a, kScalarFirstCoeff + k) * scale, zk, t);
+        add_masked_noise<kGaussian>(d, scalar_at(a, kScalarFirstCoeff + k) * scale, zk);
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) d[e] = d[e] + t[e];
     }
     if (f.grad) {
 #pragma unroll
@@ -867,9 +876,10 @@ __device__ __forceinline__ void general_units(const typename K::Args& a, const L
   }
 }
 
-// The vector range of a chunk: whole units (Gaussian) or tiles (Rademacher), or an empty range
-// (first == last) when the tensor is not vectorizable or the chunk's Philox block counter would
-// wrap its low word (once per 2^34 elements).
+// The vector range of a chunk: whole units (Gaussian, and either noise in the general kernel) or
+// tiles (Rademacher), or an empty range (first == last) when the tensor is not vectorizable or
+// the chunk's Philox block counter would wrap its low word (once per 2^34 elements; the general
+// kernel computes 64-bit block numbers, so for it the check only costs a rare masked chunk).
 template <class K>
 __device__ __forceinline__ void vector_range(const ChunkContext& C, bool vectorizable, uint64_t& first, uint64_t& last) {
   constexpr uint64_t kGranule = K::kGaussian || K::O == Op::kGeneral ? K::E : kTile;
@@ -964,8 +974,13 @@ __device__ __forceinline__ void run_chunks(const typename K::Args& a, const Laun
   }
 }
 
+// 4 resident blocks (64 registers) for the specialized kernels.  The general kernel holds every
+// configuration's code in one loop: at 64 registers ptxas spilled 16-84 bytes there (up to 43
+// local accesses in the loop body, for 16-bit Gaussian parameters); at 3 blocks (up to 85) it
+// takes 70-80 with at most 3 in the loop.  Its configurations issue 29-89 instructions per
+// element, so 24 warps per SM should still cover the memory latency (docs/native.md).
 template <class K>
-__global__ void __launch_bounds__(kThreads, 4) fused_kernel(const __grid_constant__ typename K::Args a) {
+__global__ void __launch_bounds__(kThreads, K::O == Op::kGeneral ? 3 : 4) fused_kernel(const __grid_constant__ typename K::Args a) {
   if (K::O != Op::kGeneral && a.precomputed) {
     const LaunchContext L{a.host_keys[0], a.host_keys[1], a.host_coefficients};
     run_chunks<K>(a, L);
