@@ -18,7 +18,7 @@ import torch
 import addax_kernels as ak
 import cuda_emulation as emulation_build
 from cuda_emulation import backend as emulation_backend
-from tolerance import assert_matches_reference, on_backend_and_reference
+from tolerance import assert_matches_reference, clones, misaligned, on_backend_and_reference
 
 # backend="native" is the emulation in every test here (tests/conftest.py installs it; it skips
 # where the emulation cannot be built for want of a compiler).
@@ -134,14 +134,6 @@ def test_general_kernel_state_over_several_chunks(dtype, state_dtype, noise):
     assert_matches_reference(got[2], want[2], 0.1 * 2 * 0.75 * 0.75 * 6, names="exp_avg_sqs")
 
 
-def _misaligned_copy(tensor):
-    """``tensor``'s values in storage one element past a 16-byte boundary."""
-    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
-    view = storage[1:]
-    view.copy_(tensor)
-    return view
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("grad_dtype", (torch.float32, torch.float16))
 @pytest.mark.parametrize("noise", NOISES)
@@ -149,7 +141,8 @@ def test_general_kernel_with_gradients_and_state_off_the_parameters_alignment(dt
     """Aligned parameters take the vector loop while their gradients (a masked addax_update_)
     or state buffers sit one element off a 16-byte boundary: those are read element by element."""
     params = _params((CHUNK + 1000, 5000), dtype, seed=14)
-    grads = [_misaligned_copy(g.to(grad_dtype)) for g in _params((CHUNK + 1000, 5000), torch.float32, seed=15, scale=1.0)]
+    grads = [misaligned(g.to(grad_dtype), grad_dtype.itemsize)
+             for g in _params((CHUNK + 1000, 5000), torch.float32, seed=15, scale=1.0)]
     assert all(grad.data_ptr() % 16 for grad in grads)
     got, expected = _emulated_and_reference(
         lambda p, backend: ak.addax_update_(p, grads, 9, 0.8, 1e-2, 0.3, weight_decay=0.05, sparsity=0.3, noise=noise,
@@ -158,8 +151,8 @@ def test_general_kernel_with_gradients_and_state_off_the_parameters_alignment(dt
     # (clones would be aligned: each side gets its own misaligned buffers)
     runs = {}
     for backend in ("native", "reference"):
-        p = [t.clone() for t in params]
-        b = [_misaligned_copy(0.1 * t.float()) for t in params]
+        p = clones(params)
+        b = [misaligned(0.1 * t.float(), 4) for t in params]
         assert all(buffer.data_ptr() % 16 for buffer in b)
         ak.zo_momentum_update_(p, b, [21], [0.5], 1e-2, 0.9, restore=1e-3, noise=noise, rounding="stochastic",
                                offsets=(0, 3 * CHUNK), backend=backend)

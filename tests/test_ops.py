@@ -698,8 +698,6 @@ def test_changed_arguments_between_calls_change_the_result(generator, backend):
 def test_a_plan_used_during_graph_capture_outlives_the_cache(generator, monkeypatch):
     """A captured graph reads its plan's device tables at every replay: such a plan must survive
     the cache's eviction (other parameter lists used after capture)."""
-    from addax_kernels.ops import _plan
-
     params = make_params(generator)
     ak.perturb_(params, 1, 0.1, backend="reference")
     plan = _plan.plan_for(params, [], (), None, None, 0.0, None)

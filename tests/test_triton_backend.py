@@ -22,7 +22,7 @@ import addax_kernels as ak
 from addax_kernels import rng
 from conftest import HAS_CUDA, requires_cuda
 from known_answers import PHILOX_KAT
-from tolerance import assert_matches_reference, clones, on_backend_and_reference
+from tolerance import assert_matches_reference, clones, misaligned, on_backend_and_reference
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -289,17 +289,6 @@ def test_rounding_is_bit_exact(dtype, rounding, generator):
 # ----------------------------------------------------------------------------- classes, tables, uploads
 
 
-def _misaligned(values: torch.Tensor, byte_offset: int) -> torch.Tensor:
-    """A CPU tensor holding ``values`` at an address ``byte_offset`` past a 16-byte boundary."""
-    size = values.numel() * values.element_size()
-    storage = torch.zeros(size + 32, dtype=torch.uint8)
-    start = (-storage.data_ptr()) % 16 + byte_offset
-    tensor = torch.frombuffer(memoryview(storage.numpy()), dtype=values.dtype, count=values.numel(), offset=start)
-    tensor.copy_(values.flatten())
-    tensor._keep_alive = storage  # frombuffer does not own the memory
-    return tensor
-
-
 def _group(params, grads=None, states=(), offsets=None, tids=None, decay=None):
     count = len(params)
     return TensorGroup(
@@ -318,8 +307,8 @@ def test_misaligned_tensors_get_their_own_class(dtype, generator):
     offset) is reached byte by byte in its own launch; the aligned tensors keep 16-byte accesses."""
     values = [_randn((n,), dtype, generator) for n in (600, 37, 1100)]
     size = values[0].element_size()
-    params = [values[0].clone(), _misaligned(values[1], 1), _misaligned(values[2], size)]
-    grads = [_misaligned(_randn((n,), torch.float32, generator, scale=1.0), 2) for n in (600, 37, 1100)]
+    params = [values[0].clone(), misaligned(values[1], 1), misaligned(values[2], size)]
+    grads = [misaligned(_randn((n,), torch.float32, generator, scale=1.0), 2) for n in (600, 37, 1100)]
     prepared = launch.prepare(_group(params), params, [])
     modes = {launch_class.access: launch_class.members for launch_class in prepared.classes}
     assert modes == {K.ACCESS_VECTOR: (0,), K.ACCESS_ELEMENT: (2,), K.ACCESS_BYTES: (1,)}
@@ -379,6 +368,27 @@ def test_steady_state_calls_upload_nothing(monkeypatch, generator):
     assert uploads == ["upload the gradients' addresses"]
     launch.run(prepared, group, job(5, has_grad=True), params, clones(grads), [])
     assert len(uploads) == 2
+
+
+@requires_fused_pass
+@pytest.mark.parametrize("decay", (0.0, 0.1))
+def test_restore_direction_and_gradient_in_one_pass(decay, generator):
+    """The restore shift, one direction and a gradient in one job (the backend protocol allows it;
+    no op builds it) take the pass that uses z once: it matches the reference backend."""
+    from addax_kernels.backends import SCALAR_FIRST_COEFF, SCALAR_GRAD_COEFF, SCALAR_LR, SCALAR_SHIFT, reference
+
+    params = [_randn((n,), torch.bfloat16, generator) for n in (4097, 131)]
+    grads = [_randn(p.shape, torch.float32, generator, scale=1.0) for p in params]
+    group = _group(params, grads, decay=[decay, 0.0])
+    scalars = [0.0] * (SCALAR_FIRST_COEFF + 1)
+    scalars[SCALAR_SHIFT], scalars[SCALAR_LR], scalars[SCALAR_GRAD_COEFF], scalars[SCALAR_FIRST_COEFF] = \
+        1e-3, 1e-2, 0.3, 0.7
+    job = FusedJob(seeds=Seeds(values=(77, 78)), scalars=Scalars(values=tuple(scalars)), has_shift=True,
+                   num_directions=1, has_grad=True, rounding="stochastic")
+    got, expected = clones(params), clones(params)
+    launch.run(launch.prepare(group, got, []), group, job, got, grads, [])
+    reference.run(reference.prepare(group, expected, []), group, job, expected, grads, [])
+    assert_matches_reference(got, expected, 1e-3 + 1e-2 * 0.7)
 
 
 @requires_fused_pass

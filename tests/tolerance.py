@@ -32,6 +32,18 @@ def clones(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]
 
 
+def misaligned(values: torch.Tensor, byte_offset: int) -> torch.Tensor:
+    """A CPU tensor holding ``values`` at an address ``byte_offset`` past a 16-byte boundary (an
+    input whose kernels must take their element-by-element path)."""
+    size = values.numel() * values.element_size()
+    storage = torch.zeros(size + 32, dtype=torch.uint8)
+    start = (-storage.data_ptr()) % 16 + byte_offset
+    tensor = torch.frombuffer(memoryview(storage.numpy()), dtype=values.dtype, count=values.numel(), offset=start)
+    tensor.copy_(values.flatten())
+    tensor._keep_alive = storage  # frombuffer does not own the memory
+    return tensor
+
+
 def on_backend_and_reference(op, backend: str, tensor_lists, *args, **kwargs):
     """``op(*lists, *args, backend=..., **kwargs)`` on clones of ``tensor_lists`` (the lists the op
     updates in place), once with ``backend`` and once with the reference; returns (got, expected),

@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..backends import STATE_ADAM, STATE_BUFFERS, STATE_MOMENTUM
+from ..backends import STATE_ADAM, STATE_BUFFERS, STATE_MOMENTUM, STATE_NONE
 
 # H200: 132 SMs x 4 schedulers x 1.98 GHz x 32 threads, against ~4.3 TB/s of copy bandwidth.
 H200_SMS = 132
@@ -46,8 +46,8 @@ MODEL_ELEMENTS = 1 << 27
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPS = ("perturb", "zo_update", "addax_update")
-# Optimizer state: buffers per parameter.
-STATE_KINDS = {"momentum": STATE_BUFFERS[STATE_MOMENTUM], "adam": STATE_BUFFERS[STATE_ADAM]}
+# A variant's optimizer state by name: the backends' StateKind code (STATE_BUFFERS: buffers per parameter).
+STATE_CODES = {None: STATE_NONE, "momentum": STATE_MOMENTUM, "adam": STATE_ADAM}
 
 DEFAULT_OUT = os.path.join("bench", "results", "sass-sm90")
 
@@ -95,10 +95,10 @@ class Variant:
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if (self.state is None) != (self.state_dtype is None) or (self.state not in (None, *STATE_KINDS)) or \
+        if (self.state is None) != (self.state_dtype is None) or self.state not in STATE_CODES or \
                 self.state_dtype not in (None, "fp32", "bf16"):
-            raise ValueError(f"state must be one of {tuple(STATE_KINDS)} with a state_dtype of fp32 or bf16, or "
-                             f"neither: {self}")
+            raise ValueError(f"state must be one of {[name for name in STATE_CODES if name]} with a state_dtype of "
+                             f"fp32 or bf16, or neither: {self}")
         if self.state is not None and self.op != "zo_update":
             raise ValueError(f"only zo_update carries optimizer state: {self}")
         if self.directions < 1 or (self.op != "zo_update" and self.directions != 1):
@@ -113,7 +113,7 @@ class Variant:
 
     def bytes_per_element(self) -> int:
         size = DTYPE_BYTES[self.param_dtype]
-        state = 2 * STATE_KINDS[self.state] * DTYPE_BYTES[self.state_dtype] if self.state else 0
+        state = 2 * STATE_BUFFERS[STATE_CODES[self.state]] * DTYPE_BYTES[self.state_dtype] if self.state else 0
         return 2 * size + (DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else 0) + state
 
     def configuration(self) -> str:

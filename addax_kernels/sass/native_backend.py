@@ -484,14 +484,15 @@ def native_rows(variants: Sequence[Variant] = REPORT_VARIANTS) -> Tuple[List[dic
     compiler = nvcc_version()
     rows = []
     for variant in variants:
+        key = kernel_key(variant, facts)
         kernels, resources = compiled[general_defines(variant, facts)]
-        name = _kernel_named(kernels, kernel_key(variant, facts), variant)
+        name = _kernel_named(kernels, key, variant)
         instructions, labels = kernels[name]
         counts = count_kernel(instructions, labels, facts)
         registers, spill_store_bytes = resources.get(name, (0, 0))
         parts = per_element(counts, variant, registers, facts)
         if variant.is_general():
-            parts.update(_built_general_kernel(*compiled[()], kernel_key(variant, facts), variant, facts))
+            parts.update(_built_general_kernel(*compiled[()], key, variant, facts))
         rows.append(make_row("native", variant, parts.pop("sass_per_element"), registers, counts.local_accesses,
                              counts.loop_local_accesses, counts.access_bytes, compiler,
                              spill_store_bytes=spill_store_bytes, **parts))

@@ -42,6 +42,7 @@ from . import (
     MODEL_TENSORS,
     TARGET_ARCH,
     REPORT_VARIANTS,
+    STATE_CODES,
     Variant,
     is_local_access,
     make_row,
@@ -70,7 +71,6 @@ def _compile(variant: Variant, arch: int = TARGET_ARCH, overrides: Optional[dict
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from ..backends import STATE_ADAM, STATE_MOMENTUM, STATE_NONE
     from ..backends.triton import kernels as K
     from ..backends.triton import launch
 
@@ -106,7 +106,7 @@ def _compile(variant: Variant, arch: int = TARGET_ARCH, overrides: Optional[dict
         DIRECTIONS=variant.direction_count(),
         HAS_GRAD=grad is not None,
         HAS_DECAY=False,
-        STATE={None: STATE_NONE, "momentum": STATE_MOMENTUM, "adam": STATE_ADAM}[variant.state],
+        STATE=STATE_CODES[variant.state],
         NOISE=K.NOISE_GAUSSIAN if variant.noise == "gaussian" else K.NOISE_RADEMACHER,
         ROUNDING=K.ROUNDING_NEAREST if variant.rounding == "nearest" else K.ROUNDING_STOCHASTIC,
         SPARSE=variant.sparse,

@@ -407,7 +407,7 @@ __device__ __forceinline__ void add_noise(float (&x)[E], float coeff, const Unit
   }
 }
 
-// coeff * z[e] with the sparsity mask (general kernel).
+// coeff * z[e] with the sparsity mask (Rademacher drops; a dropped Gaussian element has trig -0).
 template <bool kGaussian, int E>
 __device__ __forceinline__ void scaled_noise(float coeff, const UnitNoise<E>& z, float (&out)[E]) {
   if constexpr (kGaussian) {

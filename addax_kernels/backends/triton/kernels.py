@@ -556,7 +556,7 @@ def _tile(
             # a·x is not: x·0 carries the NaN.  A zero decay leaves x as it is.
             x = tl.where(decay != 0.0, x * kept + x * 0.0, x)
         else:
-            kept = lr * 0.0 + 1.0
+            kept = 1.0
         step = ((kept * shift_s - lr * coeff0_s) * root) * unit
         if SPARSE:
             step = tl.where(keep, step, 0.0)
